@@ -1,0 +1,28 @@
+"""Request dependencies: the long-lived objects the lifespan put on ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+import redis.asyncio as aredis
+from fastapi import Depends, Request
+
+from api.jobs import Dispatcher
+from queueing.catalog import Catalog
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    return cast(Dispatcher, request.app.state.dispatcher)
+
+
+def _catalog(request: Request) -> Catalog:
+    return cast(Catalog, request.app.state.catalog)
+
+
+def _redis(request: Request) -> aredis.Redis:
+    return cast(aredis.Redis, request.app.state.redis)
+
+
+DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
+CatalogDep = Annotated[Catalog, Depends(_catalog)]
+RedisDep = Annotated[aredis.Redis, Depends(_redis)]

@@ -1,0 +1,114 @@
+"""The OpenAI error envelope, and the one place where exceptions become HTTP errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self, status: int, message: str, type: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found"
+    )
+
+
+def no_worker(model: str, waited: float) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"No live worker serves the model `{model}` (waited {waited:g}s). Start one with "
+        f"`inferq worker --models {model}`.",
+        "service_unavailable_error",
+        "model",
+        "no_worker_available",
+    )
+
+
+def worker_lost(worker: str) -> OpenAIError:
+    return OpenAIError(
+        502,
+        f"The worker {worker} stopped while streaming this response; the partial output cannot be resumed.",
+        "server_error",
+        None,
+        "worker_lost",
+    )
+
+
+def timed_out(seconds: float) -> OpenAIError:
+    return OpenAIError(504, f"The request did not finish within {seconds:g}s.", "server_error", None, "timeout")
+
+
+def client_closed() -> OpenAIError:
+    # 499 as nginx logs it: nobody reads this response, but the request ends cleanly.
+    return OpenAIError(499, "The client closed the request.", "invalid_request_error", None, "client_closed")
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OpenAIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        err = invalid_request(f"The body is not valid JSON: {first.get('msg')}", None, "invalid_json")
+    else:
+        param = _param(tuple(first.get("loc", ())))
+        where = f" at `{param}`" if param else ""
+        err = invalid_request(f"{first.get('msg')}{where}", param, "invalid_value")
+    return JSONResponse(err.body(), status_code=400)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    err = OpenAIError(exc.status_code, str(exc.detail), kind)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("redis unavailable: %s", exc)
+    err = OpenAIError(503, "The queue (Redis) is unavailable.", "service_unavailable_error", None, "redis_unavailable")
+    return JSONResponse(err.body(), status_code=503)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(redis.RedisError, _redis_error)

@@ -1,0 +1,182 @@
+"""Submitting a job and following it to its end, with every wait bounded.
+
+Events arrive over pub/sub; between events a watchdog reads the job record, so a dead worker, a lost event
+or a fleet with no worker for the model ends the wait instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aredis
+from celery import Celery
+
+from api import errors
+from api.streams import StreamHub, Subscription
+from queueing import events, registry
+from queueing.celery_app import enqueue
+from queueing.jobs import Job, JobState
+from queueing.jobstore import AsyncJobStore
+from queueing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Limits:
+    request_timeout: float
+    no_worker_timeout: float
+    poll: float
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Limits:
+        return cls(s.request_timeout, s.no_worker_timeout, min(s.heartbeat_interval, 0.5))
+
+
+class Dispatcher:
+    """Puts jobs on their model's queue and hands back a ``JobRun`` to follow each one."""
+
+    def __init__(self, client: aredis.Redis, hub: StreamHub, celery: Celery, limits: Limits) -> None:
+        self.client = client
+        self.hub = hub
+        self.celery = celery
+        self.limits = limits
+        self.store = AsyncJobStore(client, ttl=limits.request_timeout + 3600)
+
+    async def serves(self, model: str) -> list[str]:
+        return [w.name for w in await registry.live_workers(self.client) if model in w.models]
+
+    async def wait_for_worker(self, model: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.no_worker_timeout
+        while not await self.serves(model):
+            if loop.time() >= deadline:
+                raise errors.no_worker(model, self.limits.no_worker_timeout)
+            await asyncio.sleep(self.limits.poll)
+
+    @contextlib.asynccontextmanager
+    async def run(self, job: Job, disconnected: Disconnected | None = None) -> AsyncIterator[JobRun]:
+        await self.wait_for_worker(job.model)
+        async with self.hub.subscribe(job.id) as sub:
+            await self.store.create(job)
+            # kombu's producer is synchronous; a thread keeps a slow Redis from stalling the event loop.
+            await asyncio.to_thread(enqueue, self.celery, job)
+            jr = JobRun(self, job, sub, disconnected)
+            try:
+                yield jr
+            finally:
+                if not jr.finished:
+                    # The client left or the request failed: stop the worker spending time on it.
+                    await asyncio.shield(self.store.cancel(job.id))
+
+
+@dataclass
+class JobRun:
+    dispatcher: Dispatcher
+    job: Job
+    sub: Subscription
+    disconnected: Disconnected | None
+    attempt: int = 1
+    worker: str | None = None
+    text_sent: str = ""
+    finished: bool = False
+    _no_worker_since: float | None = field(default=None, repr=False)
+
+    async def start(self) -> events.Started:
+        """Wait until a worker accepted the prompt; errors before that are plain HTTP errors."""
+        async for event in self._events():
+            if isinstance(event, events.Started):
+                return event
+        raise AssertionError("event stream ended before it started")  # _events always raises or starts
+
+    async def rest(self) -> AsyncIterator[events.Delta | events.Finished]:
+        async for event in self._events():
+            if isinstance(event, events.Delta):
+                self.text_sent += event.text
+            if isinstance(event, events.Delta | events.Finished):
+                yield event
+            if isinstance(event, events.Finished):
+                return
+
+    async def _events(self) -> AsyncIterator[events.Event]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.dispatcher.limits.request_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise errors.timed_out(self.dispatcher.limits.request_timeout)
+            raw = await self.sub.get(min(self.dispatcher.limits.poll, remaining))
+            event = events.decode(raw) if raw is not None else await self._watchdog()
+            if event is None or event.attempt < self.attempt:
+                continue
+            if event.attempt > self.attempt:
+                # The job was re-queued after its worker died. Text already streamed cannot be taken back.
+                if self.text_sent:
+                    raise errors.worker_lost(self.worker or "?")
+                self.attempt = event.attempt
+            if isinstance(event, events.Failed):
+                self.finished = True
+                raise errors.OpenAIError(event.status, event.message, event.error_type, event.param, event.code)
+            if isinstance(event, events.Started):
+                self.worker = event.worker
+            if isinstance(event, events.Finished):
+                self.finished = True
+            yield event
+
+    async def _watchdog(self) -> events.Event | None:
+        """Look at the job record when no event came for a while; returns an event the stream missed."""
+        d = self.dispatcher
+        if self.disconnected is not None and await self.disconnected():
+            raise errors.client_closed()
+        record = await d.store.get(self.job.id)
+        state = record.get("state")
+        attempt = int(record.get("attempt", self.attempt))
+        if state == JobState.DONE:
+            if self.worker is None:
+                # Started was lost too; its fields are in the record.
+                return events.Started(
+                    attempt=attempt, worker=record["worker"], prompt_tokens=int(record.get("prompt_tokens", 0))
+                )
+            return self._replay_finished(record, attempt)
+        if state == JobState.FAILED:
+            return events.Failed(
+                attempt=attempt, status=500, message=record.get("error", "failed"), error_type="server_error"
+            )
+        if state == JobState.RUNNING:
+            worker = record.get("worker", "")
+            if self.text_sent and not await registry.is_alive_async(d.client, worker):
+                raise errors.worker_lost(worker)
+            # Otherwise a dead worker's job is re-queued by the fleet's reaper and we keep waiting.
+            self._no_worker_since = None
+        elif state == JobState.QUEUED:
+            await self._check_fleet()
+        return None
+
+    async def _check_fleet(self) -> None:
+        loop = asyncio.get_running_loop()
+        if await self.dispatcher.serves(self.job.model):
+            self._no_worker_since = None
+            return
+        self._no_worker_since = self._no_worker_since or loop.time()
+        if loop.time() - self._no_worker_since >= self.dispatcher.limits.no_worker_timeout:
+            raise errors.no_worker(self.job.model, self.dispatcher.limits.no_worker_timeout)
+
+    def _replay_finished(self, record: dict[str, str], attempt: int) -> events.Event:
+        """The Finished event was lost (pub/sub is at-most-once): rebuild it from the job record."""
+        text = record.get("text", "")
+        if self.job.stream and text.startswith(self.text_sent) and len(text) > len(self.text_sent):
+            # Emit the missing tail first; the next watchdog pass returns the Finished event.
+            return events.Delta(attempt=attempt, text=text[len(self.text_sent) :])
+        return events.Finished(
+            attempt=attempt,
+            finish_reason=record.get("finish_reason", "stop"),  # type: ignore[arg-type]
+            prompt_tokens=int(record.get("prompt_tokens", 0)),
+            completion_tokens=int(record.get("completion_tokens", 0)),
+            text=None if self.job.stream else text,
+        )

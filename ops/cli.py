@@ -1,0 +1,80 @@
+"""The `inferq` command: up, api, worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import click
+
+from queueing.settings import get_settings
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group()
+def main() -> None:
+    """inferq: an OpenAI-compatible API in front of queue-fed Celery workers."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (INFERQ_HOST).")
+@click.option("--port", type=int, default=None, help="API port (INFERQ_PORT).")
+@click.option("--flower/--no-flower", default=True, help="Also start Flower.")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+def up(host: str | None, port: int | None, flower: bool, flower_port: int) -> None:
+    """Redis (unless INFERQ_REDIS_URL is set), the API, one local worker and Flower."""
+    from ops.stack import run_stack
+
+    _logging()
+    s = get_settings()
+    raise SystemExit(run_stack(s, port or s.port, host or s.host, flower, flower_port))
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (INFERQ_HOST).")
+@click.option("--port", type=int, default=None, help="API port (INFERQ_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """The API tier alone."""
+    import uvicorn
+
+    _logging()
+    s = get_settings()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or s.host,
+        port=port or s.port,
+        log_level=s.log_level.lower(),
+        access_log=False,
+    )
+
+
+@main.command()
+@click.option("--models", default=None, help="Comma-separated catalog models (INFERQ_WORKER_MODELS).")
+@click.option("--engine", default=None, help="Force an engine, e.g. llamacpp (INFERQ_WORKER_ENGINE).")
+@click.option("--name", default=None, help="Registry name (INFERQ_WORKER_NAME); default host-pid.")
+@click.option("--concurrency", type=int, default=None, help="Jobs at once (INFERQ_WORKER_CONCURRENCY).")
+def worker(models: str | None, engine: str | None, name: str | None, concurrency: int | None) -> None:
+    """A Celery worker that loads its models and consumes their queues."""
+    # The worker's settings are read from the environment by workers.app, as with plain `celery worker`.
+    overrides = {"MODELS": models, "ENGINE": engine, "NAME": name, "CONCURRENCY": concurrency}
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[f"INFERQ_WORKER_{key}"] = str(value)
+    os.environ.setdefault("INFERQ_WORKER_NAME", f"{socket.gethostname()}-{os.getpid()}")
+    get_settings.cache_clear()
+    _logging()
+    from workers.app import app
+
+    s = get_settings()
+    app.worker_main(["worker", "-n", f"{s.worker_name}@%h", "-l", s.log_level.upper()])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The Celery app both tiers share: broker settings, the per-model queues, and enqueueing by task name."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from queueing import keys
+from queueing.catalog import Catalog
+from queueing.jobs import Job
+from queueing.settings import Settings
+
+
+def create_celery(settings: Settings, catalog: Catalog) -> Celery:
+    app = Celery("inferq", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        # A job is acknowledged only when it finished, and a worker holds one message per free slot, so a
+        # dead worker strands at most the jobs it was running (which the reaper re-queues).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Queues are declared from the catalog; a typo'd queue name is an error, not a new queue.
+        task_queues=[Queue(keys.model_queue(m)) for m in catalog.models],
+        task_create_missing_queues=False,
+        task_default_queue=keys.model_queue(next(iter(catalog.models))),
+        # Results travel over pub/sub and the job record, never through a Celery result backend.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # Flower shows the fleet from these events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, job: Job) -> None:
+    app.send_task(
+        keys.GENERATE_TASK,
+        args=[job.model_dump(mode="json")],
+        queue=keys.model_queue(job.model),
+        task_id=f"{job.id}.{job.attempt}",
+        retry=False,
+    )

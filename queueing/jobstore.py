@@ -1,0 +1,122 @@
+"""Job records in Redis: one hash per request, so that no accepted job is lost when its worker dies.
+
+Transitions are Lua scripts so that a claim, a finish and a re-queue never interleave. The worker side is
+synchronous (Celery threads) and the API side asynchronous; both use the scripts and field names here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from queueing import keys
+from queueing.jobs import Job, JobState
+
+# KEYS: job, worker's job set. ARGV: attempt, worker, now, job id.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: job, worker's job set. ARGV: attempt, worker, job id, state, then field/value pairs of the result.
+_FINISH = """
+redis.call('SREM', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' and state ~= 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[4], unpack(ARGV, 5))
+return 1
+"""
+
+# KEYS: job. ARGV: dead worker. Returns the payload and the new attempt, or nil when the job moved on.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return nil
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HDEL', KEYS[1], 'worker')
+return {redis.call('HGET', KEYS[1], 'payload'), attempt}
+"""
+
+# KEYS: job. Cancels a job that has not finished yet.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' or state == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled')
+  return 1
+end
+return 0
+"""
+
+
+class JobStore:
+    """Worker side (synchronous)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r = client
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._requeue = client.register_script(_REQUEUE)
+
+    def claim(self, job: Job, worker: str) -> bool:
+        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
+        return bool(self._claim(keys=keys_, args=[job.attempt, worker, time.time(), job.id]))
+
+    def finish(self, job: Job, worker: str, state: JobState, **result: str | int) -> bool:
+        pairs: list[Any] = [v for item in result.items() for v in item]
+        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
+        return bool(self._finish(keys=keys_, args=[job.attempt, worker, job.id, state.value, *pairs]))
+
+    def state(self, job_id: str) -> JobState | None:
+        raw = self._r.hget(keys.job_key(job_id), "state")
+        return JobState(raw.decode()) if raw else None
+
+    def running_on(self, worker: str) -> list[str]:
+        return [m.decode() for m in self._r.smembers(keys.worker_jobs_key(worker))]
+
+    def requeue(self, job_id: str, dead_worker: str) -> Job | None:
+        """Hand a dead worker's running job back to the queue as its next attempt."""
+        found = self._requeue(keys=[keys.job_key(job_id)], args=[dead_worker])
+        if not found:
+            return None
+        payload, attempt = found
+        return Job.model_validate_json(payload).model_copy(update={"attempt": int(attempt)})
+
+
+class AsyncJobStore:
+    """API side (asyncio)."""
+
+    def __init__(self, client: aredis.Redis, ttl: float) -> None:
+        self._r = client
+        self._ttl = int(ttl)
+        self._cancel = client.register_script(_CANCEL)
+
+    async def create(self, job: Job) -> None:
+        key = keys.job_key(job.id)
+        mapping = {
+            "state": JobState.QUEUED.value,
+            "attempt": job.attempt,
+            "model": job.model,
+            "payload": job.model_dump_json(),
+            "created_at": time.time(),
+        }
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> dict[str, str]:
+        raw = await self._r.hgetall(keys.job_key(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def cancel(self, job_id: str) -> bool:
+        return bool(await self._cancel(keys=[keys.job_key(job_id)]))

@@ -1,0 +1,44 @@
+"""Recovering the jobs of workers that died without finishing them.
+
+A worker killed mid-job leaves its message unacknowledged, and kombu's Redis transport would only redeliver
+it after the visibility timeout (hours). Instead, every live worker looks for names in the registry whose
+heartbeat expired and re-queues their running jobs as a new attempt; a late broker redelivery of the old
+attempt is then dropped at claim time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis
+
+from queueing import keys, registry
+from queueing.jobs import Job
+from queueing.jobstore import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def reap_dead_workers(
+    client: redis.Redis, store: JobStore, enqueue: Callable[[Job], None], lock_seconds: float = 30.0
+) -> list[str]:
+    """Re-queue the running jobs of every dead worker; returns the ids of the jobs re-queued."""
+    requeued: list[str] = []
+    for name in registry.known_workers(client):
+        if registry.is_alive(client, name):
+            continue
+        # One reaper per dead worker, whichever live worker gets here first.
+        if not client.set(keys.reap_lock_key(name), "1", nx=True, px=int(lock_seconds * 1000)):
+            continue
+        for job_id in store.running_on(name):
+            job = store.requeue(job_id, name)
+            if job is not None:
+                logger.warning("worker %s died; re-queued job %s as attempt %d", name, job.id, job.attempt)
+                enqueue(job)
+                requeued.append(job.id)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker_jobs_key(name))
+            pipe.srem(keys.WORKERS_SET, name)
+            pipe.execute()
+    return requeued

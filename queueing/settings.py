@@ -1,0 +1,49 @@
+"""Settings shared by every inferq process, read from ``INFERQ_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for queues, registry and streams.")
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, description="Port the API listens on.")
+    models_file: Path | None = Field(None, description="YAML model catalog; the built-in one when unset.")
+    log_level: str = Field("INFO", description="Logging level of every inferq process.")
+
+    # Time limits (seconds). Every wait in the request path is bounded by one of these.
+    request_timeout: float = Field(600.0, description="Longest a request may wait for its job to finish.")
+    no_worker_timeout: float = Field(
+        10.0, description="How long a request waits for a live worker that serves its model before a 503."
+    )
+    heartbeat_interval: float = Field(1.0, description="Seconds between worker heartbeats.")
+    heartbeat_ttl: float = Field(
+        4.0, description="A worker whose last heartbeat is older than this is dead; its jobs are re-queued."
+    )
+    visibility_timeout: int = Field(
+        7200,
+        description="Broker redelivery of an unacknowledged message; longer than the longest job. "
+        "Fast recovery from a dead worker comes from the heartbeat, not from this.",
+    )
+
+    # Worker side: what `celery -A workers.app worker` serves when started without `inferq worker`.
+    worker_models: str = Field("smollm2-135m", description="Comma-separated catalog models a worker loads.")
+    worker_engine: str | None = Field(None, description="Force an engine (llamacpp); else the catalog decides.")
+    worker_name: str | None = Field(None, description="Registry name of the worker; default: Celery's nodename.")
+    worker_concurrency: int = Field(1, description="Jobs a worker runs at once.")
+    llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
+
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.worker_models.split(",") if m.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,125 @@
+"""Runs one queued job on a loaded engine and publishes its events. No Celery here: tasks.py is the glue."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+
+from engines.base import ContextLengthExceeded, GenerationRequest, Output
+from queueing import events, keys
+from queueing.jobs import Job, JobState
+from queueing.jobstore import JobStore
+from workers.models import ModelManager, ModelNotLoaded
+
+logger = logging.getLogger(__name__)
+
+
+def to_generation_request(job: Job) -> GenerationRequest:
+    s = job.sampling
+    return GenerationRequest(
+        request_id=job.id,
+        messages=[m.model_dump() for m in job.messages],
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        stop=s.stop,
+        seed=s.seed,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        ignore_eos=s.ignore_eos,
+    )
+
+
+class JobRunner:
+    def __init__(
+        self, worker: str, client: redis.Redis, models: ModelManager, cancel_poll_seconds: float = 0.25
+    ) -> None:
+        self.worker = worker
+        self._r = client
+        self._store = JobStore(client)
+        self._models = models
+        self._cancel_poll = cancel_poll_seconds
+
+    def run(self, job: Job) -> None:
+        if not self._store.claim(job, self.worker):
+            # Finished, cancelled, or re-queued as a later attempt: this delivery is stale.
+            logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
+            return
+        channel = keys.stream_channel(job.id)
+        try:
+            self._generate(job, channel)
+        except ContextLengthExceeded as exc:
+            self._fail(job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+        except ModelNotLoaded as exc:
+            self._fail(job, channel, 503, str(exc), "service_unavailable", "model_not_loaded", "model")
+        except Exception as exc:
+            # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
+            logger.exception("job %s failed", job.id)
+            self._fail(job, channel, 500, f"generation failed: {exc}", "server_error", None, None)
+
+    def _generate(self, job: Job, channel: str) -> None:
+        engine = self._models.get(job.model)
+        outputs = engine.generate(to_generation_request(job))
+        first = next(outputs)
+        self._publish(channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens))
+        parts: list[str] = []
+        last = first
+        for out in self._watch_cancel(job, engine.abort, outputs):
+            last = out
+            if out.text:
+                parts.append(out.text)
+                if job.stream:
+                    self._publish(channel, events.Delta(attempt=job.attempt, text=out.text))
+        reason = last.finish_reason or "stop"
+        text = "".join(parts)
+        self._store.finish(
+            job,
+            self.worker,
+            JobState.CANCELLED if reason == "cancelled" else JobState.DONE,
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+        )
+        self._publish(
+            channel,
+            events.Finished(
+                attempt=job.attempt,
+                finish_reason=reason,
+                prompt_tokens=first.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+                text=None if job.stream else text,
+            ),
+        )
+
+    def _watch_cancel(
+        self, job: Job, abort: Callable[[str], None], outputs: Iterator[Output]
+    ) -> Iterator[Output]:
+        """Pass outputs through, asking the engine to stop once the job was cancelled (client gone)."""
+        next_poll = time.monotonic() + self._cancel_poll
+        for out in outputs:
+            yield out
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + self._cancel_poll
+                if self._store.state(job.id) == JobState.CANCELLED:
+                    abort(job.id)
+
+    def _fail(
+        self, job: Job, channel: str, status: int, message: str, error_type: str, code: str | None, param: str | None
+    ) -> None:
+        self._store.finish(job, self.worker, JobState.FAILED, error=message)
+        self._publish(
+            channel,
+            events.Failed(
+                attempt=job.attempt, status=status, message=message, error_type=error_type, code=code, param=param
+            ),
+        )
+
+    def _publish(self, channel: str, event: events.Started | events.Delta | events.Finished | events.Failed) -> None:
+        self._r.publish(channel, events.encode(event))

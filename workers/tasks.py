@@ -1,0 +1,15 @@
+"""Celery tasks: decode the job, hand it to the runner. All the work is in runner.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from queueing import keys
+from queueing.jobs import Job
+from workers.app import app
+from workers.runtime import get_runtime
+
+
+@app.task(name=keys.GENERATE_TASK)  # type: ignore[untyped-decorator]
+def generate(job: dict[str, Any]) -> None:
+    get_runtime().runner.run(Job.model_validate(job))
