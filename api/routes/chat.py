@@ -56,7 +56,7 @@ async def create_chat_completion(
     if body.stream:
         return await _stream(body, dispatcher.run(job, request.is_disconnected))
     async with dispatcher.run(job, request.is_disconnected) as run:
-        started = await run.start()
+        await run.start()
         finished = [e async for e in run.rest() if isinstance(e, events.Finished)][0]
     completion = ChatCompletion(
         id=job.id,
@@ -66,7 +66,8 @@ async def create_chat_completion(
         ],
         usage=_usage(finished),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers={WORKER_HEADER: started.worker})
+    # run.worker, not the first Started: a re-queued job finishes on another worker.
+    return JSONResponse(completion.model_dump(mode="json"), headers={WORKER_HEADER: run.worker or ""})
 
 
 async def _stream(
