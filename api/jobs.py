@@ -150,10 +150,13 @@ class JobRun:
             )
         if state == JobState.RUNNING:
             worker = record.get("worker", "")
-            if self.text_sent and not await registry.is_alive_async(d.client, worker):
+            if await registry.is_alive_async(d.client, worker):
+                self._no_worker_since = None
+                return None
+            if self.text_sent:
                 raise errors.worker_lost(worker)
-            # Otherwise a dead worker's job is re-queued by the fleet's reaper and we keep waiting.
-            self._no_worker_since = None
+            # A live worker of the fleet re-queues the dead worker's job; if none is left, stop waiting.
+            await self._check_fleet()
         elif state == JobState.QUEUED:
             await self._check_fleet()
         return None

@@ -33,23 +33,23 @@ class Heartbeat(threading.Thread):
         self._ttl = ttl
         self._enqueue = enqueue
         self._store = JobStore(client)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def beat(self) -> None:
         registry.announce(self._r, self._info, self._ttl)
         reap_dead_workers(self._r, self._store, self._enqueue)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.beat()
             except redis.RedisError as exc:
                 # Redis may come back; the worker keeps serving what it has and beats again next time.
                 logger.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self._interval)
+            self._halt.wait(self._interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=self._interval * 2)
         try:
             registry.deregister(self._r, self._info.name)

@@ -1,0 +1,192 @@
+"""Several real workers: sharing, joining, leaving, dying mid-job, and clients that leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from ops.redis_server import RedisServer
+from queueing import keys
+from tests.fleet import ROOT, Fleet
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2-135m"
+STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+
+@pytest.fixture
+def fleet2(catalog_file: Path, tmp_path: Path) -> Iterator[Fleet]:
+    server = RedisServer()
+    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog_file))
+    try:
+        f.start_api()
+        f.start_worker("a")
+        f.start_worker("b")
+        yield f
+    finally:
+        f.close()
+        server.stop()
+
+
+def _client(f: Fleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{f.base_url}/v1", api_key="x", max_retries=0, timeout=90)
+
+
+def _busy_worker(r: redis.Redis, names: list[str], timeout: float = 30.0) -> str:
+    """The worker that is running a job right now, from its job set in Redis."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in names:
+            if r.scard(keys.worker_jobs_key(name)):
+                return name
+        time.sleep(0.02)
+    raise TimeoutError("no worker started the job")
+
+
+def test_requests_are_shared_between_workers(fleet2: Fleet) -> None:
+    client = _client(fleet2)
+
+    def ask(_: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=STORY, max_tokens=24, extra_body={"ignore_eos": True}
+        )
+        return raw.headers["x-inferq-worker"]
+
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(ask, range(6)))
+    assert set(served) == {"a", "b"}
+
+
+def test_killed_worker_job_completes_on_another(fleet2: Fleet) -> None:
+    r = redis.Redis.from_url(fleet2.redis_url)
+    result: dict[str, object] = {}
+
+    def ask() -> None:
+        raw = _client(fleet2).chat.completions.with_raw_response.create(
+            model=MODEL, messages=STORY, max_tokens=300, temperature=0, extra_body={"ignore_eos": True}
+        )
+        result["worker"] = raw.headers["x-inferq-worker"]
+        result["completion"] = raw.parse()
+
+    t = threading.Thread(target=ask)
+    t.start()
+    victim = _busy_worker(r, ["a", "b"])
+    time.sleep(0.3)  # mid-generation
+    fleet2.kill_worker(victim)
+    t.join(timeout=90)
+    survivor = ({"a", "b"} - {victim}).pop()
+    assert result["worker"] == survivor
+    done = result["completion"]
+    assert isinstance(done, openai.types.chat.ChatCompletion)
+    assert done.usage is not None and done.usage.completion_tokens == 300
+    assert done.choices[0].finish_reason == "length"
+    assert f"re-queued job {done.id} as attempt 2" in fleet2.log(survivor)
+    # The dead worker leaves the registry within two heartbeat TTLs.
+    assert victim not in fleet2.listed_workers()
+
+
+def test_stream_whose_worker_dies_ends_with_error_and_done(fleet2: Fleet) -> None:
+    r = redis.Redis.from_url(fleet2.redis_url)
+    payload = {
+        "model": MODEL, "messages": STORY, "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0
+    }
+    data: list[str] = []
+    with httpx.stream("POST", f"{fleet2.base_url}/v1/chat/completions", json=payload, timeout=60) as resp:
+        victim = resp.headers["x-inferq-worker"]
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                data.append(line[6:])
+            if len(data) == 5:
+                break
+        fleet2.kill_worker(victim)
+        killed_at = time.monotonic()
+        data += [line[6:] for line in lines if line.startswith("data: ")]
+        ended_after = time.monotonic() - killed_at
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "worker_lost" and victim in error["message"]
+    # Bounded by the heartbeat TTL (2 s here) plus a watchdog tick, far below the request timeout (60 s).
+    assert ended_after < 30
+    assert r.exists(keys.worker_key(victim)) == 0
+
+
+def test_clean_shutdown_deregisters_at_once(fleet2: Fleet) -> None:
+    r = redis.Redis.from_url(fleet2.redis_url)
+    fleet2.kill_worker("b", signal.SIGTERM)
+    # Deleted on shutdown, not left to expire with the TTL.
+    assert r.exists(keys.worker_key("b")) == 0
+    assert b"b" not in r.smembers(keys.WORKERS_SET)
+    assert fleet2.listed_workers() == ["a"]
+
+
+def test_client_leaving_a_stream_cancels_its_job(fleet2: Fleet) -> None:
+    r = redis.Redis.from_url(fleet2.redis_url)
+    payload = {"model": MODEL, "messages": STORY, "max_tokens": 500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{fleet2.base_url}/v1/chat/completions", json=payload, timeout=60) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                job_id = json.loads(line[6:])["id"]
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and r.hget(keys.job_key(job_id), "finish_reason") is None:
+        time.sleep(0.1)
+    record = {k.decode(): v.decode() for k, v in r.hgetall(keys.job_key(job_id)).items()}
+    assert record["state"] == "cancelled"
+    assert record["finish_reason"] == "cancelled"
+    assert int(record["completion_tokens"]) < 500
+
+
+def test_last_worker_dying_ends_request_with_503(fleet2: Fleet) -> None:
+    fleet2.kill_worker("b", signal.SIGTERM)
+    r = redis.Redis.from_url(fleet2.redis_url)
+    error: list[openai.APIStatusError] = []
+
+    def ask() -> None:
+        try:
+            _client(fleet2).chat.completions.create(
+                model=MODEL, messages=STORY, max_tokens=400, extra_body={"ignore_eos": True}
+            )
+        except openai.APIStatusError as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    _busy_worker(r, ["a"])
+    fleet2.kill_worker("a")
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert error and error[0].status_code == 503
+    assert error[0].response.json()["error"]["code"] == "no_worker_available"
+
+
+def test_plain_celery_worker_joins_the_fleet(fleet2: Fleet, tmp_path: Path) -> None:
+    env = {**fleet2.env, "INFERQ_WORKER_MODELS": MODEL, "INFERQ_WORKER_NAME": "plain"}
+    celery = os.path.join(os.path.dirname(sys.executable), "celery")
+    with open(tmp_path / "plain.log", "ab") as log:
+        proc = subprocess.Popen(
+            [celery, "-A", "workers.app", "worker", "-n", "plain@%h", "-l", "INFO"],
+            env=env, cwd=ROOT, stdout=log, stderr=log,
+        )
+    try:
+        fleet2.wait_listed("plain")
+        fleet2.kill_worker("a", signal.SIGTERM)
+        fleet2.kill_worker("b", signal.SIGTERM)
+        raw = _client(fleet2).chat.completions.with_raw_response.create(model=MODEL, messages=STORY, max_tokens=8)
+        assert raw.headers["x-inferq-worker"] == "plain"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

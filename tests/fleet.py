@@ -1,0 +1,99 @@
+"""Real inferq processes for end-to-end tests: workers and an API as subprocesses on a private Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ops.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Fleet:
+    """Starts workers and one API against ``redis_url``; everything is stopped by ``close()``."""
+
+    def __init__(self, redis_url: str, tmp: Path, **env: str) -> None:
+        self.redis_url = redis_url
+        self.tmp = tmp
+        self.env = {
+            **os.environ,
+            "INFERQ_REDIS_URL": redis_url,
+            "INFERQ_LOG_LEVEL": "INFO",
+            "INFERQ_HEARTBEAT_INTERVAL": "0.5",
+            "INFERQ_HEARTBEAT_TTL": "2",
+            "INFERQ_NO_WORKER_TIMEOUT": "2",
+            "INFERQ_REQUEST_TIMEOUT": "60",
+            # Several workers share 2 cores here; llama.cpp threads that outnumber cores spin and crawl.
+            "INFERQ_LLAMACPP_THREADS": "1",
+            **env,
+        }
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.api: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        with open(self.tmp / log, "ab") as out:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", *args], env=self.env, cwd=ROOT, stdout=out, stderr=out
+            )
+
+    def start_api(self) -> None:
+        self.port = free_port()
+        self.api = self._spawn(["api", "--port", str(self.port)], "api.log")
+        self._until(lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up")
+
+    def start_worker(self, name: str, models: str = "smollm2-135m", wait: bool = True) -> None:
+        self.workers[name] = self._spawn(["worker", "--models", models, "--name", name], f"{name}.log")
+        if wait:
+            self.wait_listed(name)
+
+    def listed_workers(self) -> list[str]:
+        body = httpx.get(f"{self.base_url}/v1/system/health").json()
+        return list(body.get("workers", []))
+
+    def wait_listed(self, name: str, timeout: float = 60.0) -> None:
+        self._until(lambda: name in self.listed_workers(), f"{name} listed", timeout)
+
+    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.workers.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def _until(self, check: object, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out waiting for {what}; logs in {self.tmp}")
+
+    def close(self) -> None:
+        procs = [*self.workers.values(), *([self.api] if self.api else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+        self.api = None
