@@ -1,4 +1,5 @@
-"""The API process: ``create_app()`` and the lifespan that owns Redis, the pub/sub hub and the Celery producer.
+"""The API process: ``create_app()`` and the lifespan that owns Redis, the pub/sub hub and the Celery
+producer.
 
 Nothing here imports an engine library: jobs are enqueued by task name.
 """

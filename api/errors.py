@@ -61,7 +61,9 @@ def worker_lost(worker: str) -> OpenAIError:
 
 
 def timed_out(seconds: float) -> OpenAIError:
-    return OpenAIError(504, f"The request did not finish within {seconds:g}s.", "server_error", None, "timeout")
+    return OpenAIError(
+        504, f"The request did not finish within {seconds:g}s.", "server_error", None, "timeout"
+    )
 
 
 def client_closed() -> OpenAIError:
@@ -69,8 +71,16 @@ def client_closed() -> OpenAIError:
     return OpenAIError(499, "The client closed the request.", "invalid_request_error", None, "client_closed")
 
 
+# Pydantic names the union branch it tried in an error's location ("str", "list[TextPart]", …).
+_BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field(part: int | str) -> bool:
+    return isinstance(part, int) or (part.isidentifier() and part not in _BRANCH_TAGS)
+
+
 def _param(loc: tuple[int | str, ...]) -> str | None:
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p != "body" and _is_field(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -103,7 +113,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
     logger.error("redis unavailable: %s", exc)
-    err = OpenAIError(503, "The queue (Redis) is unavailable.", "service_unavailable_error", None, "redis_unavailable")
+    err = OpenAIError(
+        503, "The queue (Redis) is unavailable.", "service_unavailable_error", None, "redis_unavailable"
+    )
     return JSONResponse(err.body(), status_code=503)
 
 

@@ -122,7 +122,9 @@ class JobRun:
                 self.attempt = event.attempt
             if isinstance(event, events.Failed):
                 self.finished = True
-                raise errors.OpenAIError(event.status, event.message, event.error_type, event.param, event.code)
+                raise errors.OpenAIError(
+                    event.status, event.message, event.error_type, event.param, event.code
+                )
             if isinstance(event, events.Started):
                 self.worker = event.worker
             if isinstance(event, events.Finished):
@@ -141,7 +143,9 @@ class JobRun:
             if self.worker is None:
                 # Started was lost too; its fields are in the record.
                 return events.Started(
-                    attempt=attempt, worker=record["worker"], prompt_tokens=int(record.get("prompt_tokens", 0))
+                    attempt=attempt,
+                    worker=record["worker"],
+                    prompt_tokens=int(record.get("prompt_tokens", 0)),
                 )
             return self._replay_finished(record, attempt)
         if state == JobState.FAILED:
@@ -178,7 +182,7 @@ class JobRun:
             return events.Delta(attempt=attempt, text=text[len(self.text_sent) :])
         return events.Finished(
             attempt=attempt,
-            finish_reason=record.get("finish_reason", "stop"),  # type: ignore[arg-type]
+            finish_reason=record.get("finish_reason", "stop"),
             prompt_tokens=int(record.get("prompt_tokens", 0)),
             completion_tokens=int(record.get("completion_tokens", 0)),
             text=None if self.job.stream else text,

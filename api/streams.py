@@ -26,12 +26,12 @@ class Subscription:
         self.ready = asyncio.get_running_loop().create_future()
         self.overflowed = False
 
-    async def get(self, timeout: float) -> bytes | None:
-        """The next raw event, or None after ``timeout`` seconds without one."""
+    async def get(self, wait: float) -> bytes | None:
+        """The next raw event, or None after ``wait`` seconds without one."""
         if self.overflowed:
             raise StreamOverflow(self.channel)
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            return await asyncio.wait_for(self.queue.get(), wait)
         except TimeoutError:
             return None
 
@@ -54,17 +54,17 @@ class StreamHub:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, request_id: str, timeout: float = 5.0) -> AsyncIterator[Subscription]:
+    async def subscribe(self, request_id: str, confirm_within: float = 5.0) -> AsyncIterator[Subscription]:
         """Subscribe and wait for Redis to confirm it, so no event published after this returns is missed."""
         channel = keys.stream_channel(request_id)
         sub = Subscription(channel, self._queue_size)
         self._subs[channel] = sub
         try:
             await self._pubsub.subscribe(channel)
-            await asyncio.wait_for(asyncio.shield(sub.ready), timeout)
+            await asyncio.wait_for(asyncio.shield(sub.ready), confirm_within)
             yield sub
         finally:
             self._subs.pop(channel, None)

@@ -46,9 +46,13 @@ from queueing.catalog import get_catalog  # noqa: E402
 MODEL = "smollm2-135m"
 WORKER_NAME = "bench"
 STARTUP_TIMEOUT = 60.0
-PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is.",
-           "List three tips for learning a new language.", "Describe a sunrise over the mountains.",
-           "What are the benefits of regular exercise?"]
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "List three tips for learning a new language.",
+    "Describe a sunrise over the mountains.",
+    "What are the benefits of regular exercise?",
+]
 
 
 @dataclass
@@ -79,8 +83,14 @@ def run_engine(threads: int, max_tokens: int, rounds: int) -> list[Sample]:
     try:
         samples = []
         for i, prompt in enumerate([PROMPTS[0], *PROMPTS * rounds]):  # the first one is the warm-up
-            request = GenerationRequest(f"bench-{i}", [{"role": "user", "content": prompt}], max_tokens,
-                                        temperature=0.0, seed=0, ignore_eos=True)
+            request = GenerationRequest(
+                f"bench-{i}",
+                [{"role": "user", "content": prompt}],
+                max_tokens,
+                temperature=0.0,
+                seed=0,
+                ignore_eos=True,
+            )
             samples.append(measure((o.text, o.completion_tokens) for o in engine.generate(request)))
         return samples[1:]
     finally:
@@ -90,8 +100,14 @@ def run_engine(threads: int, max_tokens: int, rounds: int) -> list[Sample]:
 
 def sse_steps(client: openai.OpenAI, prompt: str, max_tokens: int) -> Iterator[tuple[str, int]]:
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True, temperature=0.0, seed=0,
-        max_tokens=max_tokens, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        stream=True,
+        temperature=0.0,
+        seed=0,
+        max_tokens=max_tokens,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     for chunk in stream:
         text = chunk.choices[0].delta.content if chunk.choices else None
@@ -134,14 +150,24 @@ def run_inferq(threads: int, max_tokens: int, rounds: int) -> tuple[list[Sample]
         server = RedisServer()
         stack.callback(server.stop)
         port = free_port()
-        env = {**os.environ, "INFERQ_REDIS_URL": server.url, "INFERQ_LLAMACPP_THREADS": str(threads),
-               "INFERQ_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "INFERQ_REDIS_URL": server.url,
+            "INFERQ_LLAMACPP_THREADS": str(threads),
+            "INFERQ_LOG_LEVEL": "WARNING",
+        }
         commands = {"worker": ["--models", MODEL, "--name", WORKER_NAME], "api": ["--port", str(port)]}
         log = stack.enter_context(tempfile.TemporaryFile())  # both processes' output, shown if one dies
         procs: dict[str, subprocess.Popen[bytes]] = {}
         for name, args in commands.items():
-            procs[name] = subprocess.Popen([sys.executable, "-m", "ops.cli", name, *args], cwd=ROOT, env=env,
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", name, *args],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             stack.callback(stop, procs[name])
         peak: dict[str, int] = {}
         done = threading.Event()
@@ -169,9 +195,11 @@ def table(engine: list[Sample], inferq: list[Sample], rss: dict[str, int]) -> st
     ratio = statistics.mean(s.decode_tps for s in inferq) / statistics.mean(s.decode_tps for s in engine)
     delta = statistics.median(s.ttft_ms for s in inferq) - statistics.median(s.ttft_ms for s in engine)
     api_mib, worker_mib = rss["api"] / 2**20, rss["worker"] / 2**20
-    checks = [("decode ratio inferq/engine (mean)", f"{ratio:.3f}", ratio >= 0.95, ">= 0.95"),
-              ("TTFT p50 delta", f"{delta:+.1f} ms", delta <= 10.0, "<= +10 ms"),
-              ("API RSS (peak)", f"{api_mib:.1f} MiB", api_mib < 200.0, "< 200 MiB")]
+    checks = [
+        ("decode ratio inferq/engine (mean)", f"{ratio:.3f}", ratio >= 0.95, ">= 0.95"),
+        ("TTFT p50 delta", f"{delta:+.1f} ms", delta <= 10.0, "<= +10 ms"),
+        ("API RSS (peak)", f"{api_mib:.1f} MiB", api_mib < 200.0, "< 200 MiB"),
+    ]
     rows = [f"{n:<36}{v:>14}   {'PASS' if ok else 'FAIL'} (target {t})" for n, v, ok, t in checks]
     return "\n".join([*lines, "", *rows, f"{'worker RSS (peak)':<36}{worker_mib:>10.1f} MiB"])
 
@@ -188,8 +216,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     engine = run_engine(args.threads, args.max_tokens, args.rounds)
     inferq, rss = run_inferq(args.threads, args.max_tokens, args.rounds)
-    sys.stdout.write(f"{MODEL}: {len(PROMPTS)} prompts x {args.rounds} rounds, max_tokens={args.max_tokens}, "
-                     f"threads={args.threads}\n\n{table(engine, inferq, rss)}\n")
+    sys.stdout.write(
+        f"{MODEL}: {len(PROMPTS)} prompts x {args.rounds} rounds, max_tokens={args.max_tokens}, "
+        f"threads={args.threads}\n\n{table(engine, inferq, rss)}\n"
+    )
 
 
 if __name__ == "__main__":

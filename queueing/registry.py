@@ -9,6 +9,7 @@ import redis.asyncio as aredis
 from pydantic import BaseModel, Field
 
 from queueing import keys
+from queueing._codec import text
 
 
 class WorkerInfo(BaseModel):
@@ -38,7 +39,7 @@ def deregister(client: redis.Redis, name: str) -> None:
 
 
 def known_workers(client: redis.Redis) -> list[str]:
-    return sorted(m.decode() for m in client.smembers(keys.WORKERS_SET))
+    return sorted(text(m) for m in client.smembers(keys.WORKERS_SET))
 
 
 def is_alive(client: redis.Redis, name: str) -> bool:
@@ -46,7 +47,7 @@ def is_alive(client: redis.Redis, name: str) -> bool:
 
 
 async def live_workers(client: aredis.Redis) -> list[WorkerInfo]:
-    names = sorted(m.decode() for m in await client.smembers(keys.WORKERS_SET))
+    names = sorted(text(m) for m in await client.smembers(keys.WORKERS_SET))
     if not names:
         return []
     raws = await client.mget([keys.worker_key(n) for n in names])

@@ -35,8 +35,12 @@ class Settings(BaseSettings):
 
     # Worker side: what `celery -A workers.app worker` serves when started without `inferq worker`.
     worker_models: str = Field("smollm2-135m", description="Comma-separated catalog models a worker loads.")
-    worker_engine: str | None = Field(None, description="Force an engine (llamacpp); else the catalog decides.")
-    worker_name: str | None = Field(None, description="Registry name of the worker; default: Celery's nodename.")
+    worker_engine: str | None = Field(
+        None, description="Force an engine (llamacpp); else the catalog decides."
+    )
+    worker_name: str | None = Field(
+        None, description="Registry name of the worker; default: Celery's nodename."
+    )
     worker_concurrency: int = Field(1, description="Jobs a worker runs at once.")
     llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
 

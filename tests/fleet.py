@@ -51,7 +51,9 @@ class Fleet:
     def start_api(self) -> None:
         self.port = free_port()
         self.api = self._spawn(["api", "--port", str(self.port)], "api.log")
-        self._until(lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up")
+        self._until(
+            lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up"
+        )
 
     def start_worker(self, name: str, models: str = "smollm2-135m", wait: bool = True) -> None:
         self.workers[name] = self._spawn(["worker", "--models", models, "--name", name], f"{name}.log")

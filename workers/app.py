@@ -27,7 +27,13 @@ app.conf.worker_concurrency = get_settings().worker_concurrency
 
 @celeryd_after_setup.connect
 def _load_models(sender: str, instance: Any, **_: Any) -> None:
-    rt = runtime.start_runtime(app, get_settings(), get_catalog(), nodename=sender)
+    try:
+        rt = runtime.start_runtime(app, get_settings(), get_catalog(), nodename=sender)
+    except Exception as exc:
+        # Celery logs and swallows exceptions from signal handlers; a worker without its models must not
+        # start consuming (it would take every queue), so leave with SystemExit, which Celery lets through.
+        logger.critical("cannot start the worker: %s", exc)
+        raise SystemExit(1) from exc
     # Consume exactly the queues of the models loaded here, whatever -Q said.
     instance.app.amqp.queues.select(rt.queues())
 

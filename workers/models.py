@@ -17,7 +17,9 @@ class ModelNotLoaded(LookupError):
 
 
 class ModelManager:
-    def __init__(self, catalog: Catalog, forced_engine: str | None = None, n_threads: int | None = None) -> None:
+    def __init__(
+        self, catalog: Catalog, forced_engine: str | None = None, n_threads: int | None = None
+    ) -> None:
         self._catalog = catalog
         self._forced_engine = forced_engine
         self._n_threads = n_threads

@@ -54,7 +54,9 @@ class JobRunner:
         try:
             self._generate(job, channel)
         except ContextLengthExceeded as exc:
-            self._fail(job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages")
+            self._fail(
+                job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages"
+            )
         except ModelNotLoaded as exc:
             self._fail(job, channel, 503, str(exc), "service_unavailable", "model_not_loaded", "model")
         except Exception as exc:
@@ -66,7 +68,10 @@ class JobRunner:
         engine = self._models.get(job.model)
         outputs = engine.generate(to_generation_request(job))
         first = next(outputs)
-        self._publish(channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens))
+        self._publish(
+            channel,
+            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens),
+        )
         parts: list[str] = []
         last = first
         for out in self._watch_cancel(job, engine.abort, outputs):
@@ -111,15 +116,29 @@ class JobRunner:
                     abort(job.id)
 
     def _fail(
-        self, job: Job, channel: str, status: int, message: str, error_type: str, code: str | None, param: str | None
+        self,
+        job: Job,
+        channel: str,
+        status: int,
+        message: str,
+        error_type: str,
+        code: str | None,
+        param: str | None,
     ) -> None:
         self._store.finish(job, self.worker, JobState.FAILED, error=message)
         self._publish(
             channel,
             events.Failed(
-                attempt=job.attempt, status=status, message=message, error_type=error_type, code=code, param=param
+                attempt=job.attempt,
+                status=status,
+                message=message,
+                error_type=error_type,
+                code=code,
+                param=param,
             ),
         )
 
-    def _publish(self, channel: str, event: events.Started | events.Delta | events.Finished | events.Failed) -> None:
+    def _publish(
+        self, channel: str, event: events.Started | events.Delta | events.Finished | events.Failed
+    ) -> None:
         self._r.publish(channel, events.encode(event))

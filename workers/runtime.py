@@ -60,7 +60,11 @@ def start_heartbeat(app: Celery, settings: Settings, runtime: WorkerRuntime) -> 
         concurrency=settings.worker_concurrency,
     )
     runtime.heartbeat = Heartbeat(
-        runtime.client, info, settings.heartbeat_interval, settings.heartbeat_ttl, lambda job: enqueue(app, job)
+        runtime.client,
+        info,
+        settings.heartbeat_interval,
+        settings.heartbeat_ttl,
+        lambda job: enqueue(app, job),
     )
     runtime.heartbeat.beat()
     runtime.heartbeat.start()

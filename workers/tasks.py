@@ -10,6 +10,6 @@ from workers.app import app
 from workers.runtime import get_runtime
 
 
-@app.task(name=keys.GENERATE_TASK)  # type: ignore[untyped-decorator]
+@app.task(name=keys.GENERATE_TASK)
 def generate(job: dict[str, Any]) -> None:
     get_runtime().runner.run(Job.model_validate(job))

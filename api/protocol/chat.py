@@ -71,7 +71,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
             model=self.model,
             messages=[ChatMessage(role=m.role, content=m.text()) for m in self.messages],
             sampling=Sampling(
-                max_tokens=self.max_completion_tokens or self.max_tokens or d.max_tokens or spec.context_length,
+                max_tokens=self.max_completion_tokens
+                or self.max_tokens
+                or d.max_tokens
+                or spec.context_length,
                 temperature=d.temperature if self.temperature is None else self.temperature,
                 top_p=d.top_p if self.top_p is None else self.top_p,
                 top_k=self.top_k or 0,

@@ -57,12 +57,14 @@ async def create_chat_completion(
         return await _stream(body, dispatcher.run(job, request.is_disconnected))
     async with dispatcher.run(job, request.is_disconnected) as run:
         await run.start()
-        finished = [e async for e in run.rest() if isinstance(e, events.Finished)][0]
+        finished = next(e for e in [e async for e in run.rest()] if isinstance(e, events.Finished))
     completion = ChatCompletion(
         id=job.id,
         model=body.model,
         choices=[
-            Choice(message=AssistantMessage(content=finished.text or ""), finish_reason=_finish_reason(finished))
+            Choice(
+                message=AssistantMessage(content=finished.text or ""), finish_reason=_finish_reason(finished)
+            )
         ],
         usage=_usage(finished),
     )
@@ -101,7 +103,7 @@ async def _chunks(
             id=run.job.id,
             created=created,
             model=body.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
         )
         return {"data": c.model_dump_json(exclude=exclude)}
 

@@ -8,12 +8,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m"
-HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write one sentence about the sea."}]
 
 
 def test_lists_models_with_their_workers(client: openai.OpenAI) -> None:
@@ -139,7 +140,9 @@ def test_n_above_one_is_refused(client: openai.OpenAI) -> None:
 
 def test_malformed_json_is_400(fleet: Fleet) -> None:
     r = httpx.post(
-        f"{fleet.base_url}/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+        f"{fleet.base_url}/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"content-type": "application/json"},
     )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -148,9 +151,11 @@ def test_malformed_json_is_400(fleet: Fleet) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI, stream: bool) -> None:
-    long = [{"role": "user", "content": "hello " * 700}]  # the test catalog serves a 512-token context
+    long: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "hello " * 700}
+    ]  # the test catalog serves a 512-token context
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=long, stream=stream)  # type: ignore[call-overload]
+        client.chat.completions.create(model=MODEL, messages=long, stream=stream)
     err = _error(info.value)
     assert err["code"] == "context_length_exceeded"
     assert "512" in err["message"]

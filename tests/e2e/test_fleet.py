@@ -17,14 +17,18 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
 from ops.redis_server import RedisServer
 from queueing import keys
+from queueing._codec import text
 from tests.fleet import ROOT, Fleet
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m"
-STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+STORY: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}
+]
 
 
 @pytest.fixture
@@ -101,7 +105,12 @@ def test_killed_worker_job_completes_on_another(fleet2: Fleet) -> None:
 def test_stream_whose_worker_dies_ends_with_error_and_done(fleet2: Fleet) -> None:
     r = redis.Redis.from_url(fleet2.redis_url)
     payload = {
-        "model": MODEL, "messages": STORY, "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0
+        "model": MODEL,
+        "messages": STORY,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
     }
     data: list[str] = []
     with httpx.stream("POST", f"{fleet2.base_url}/v1/chat/completions", json=payload, timeout=60) as resp:
@@ -139,12 +148,12 @@ def test_client_leaving_a_stream_cancels_its_job(fleet2: Fleet) -> None:
     with httpx.stream("POST", f"{fleet2.base_url}/v1/chat/completions", json=payload, timeout=60) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: "):
-                job_id = json.loads(line[6:])["id"]
+                job_id: str = json.loads(line[6:])["id"]
                 break
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and r.hget(keys.job_key(job_id), "finish_reason") is None:
         time.sleep(0.1)
-    record = {k.decode(): v.decode() for k, v in r.hgetall(keys.job_key(job_id)).items()}
+    record = {text(k): text(v) for k, v in r.hgetall(keys.job_key(job_id)).items()}
     assert record["state"] == "cancelled"
     assert record["finish_reason"] == "cancelled"
     assert int(record["completion_tokens"]) < 500
@@ -179,13 +188,18 @@ def test_plain_celery_worker_joins_the_fleet(fleet2: Fleet, tmp_path: Path) -> N
     with open(tmp_path / "plain.log", "ab") as log:
         proc = subprocess.Popen(
             [celery, "-A", "workers.app", "worker", "-n", "plain@%h", "-l", "INFO"],
-            env=env, cwd=ROOT, stdout=log, stderr=log,
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
         )
     try:
         fleet2.wait_listed("plain")
         fleet2.kill_worker("a", signal.SIGTERM)
         fleet2.kill_worker("b", signal.SIGTERM)
-        raw = _client(fleet2).chat.completions.with_raw_response.create(model=MODEL, messages=STORY, max_tokens=8)
+        raw = _client(fleet2).chat.completions.with_raw_response.create(
+            model=MODEL, messages=STORY, max_tokens=8
+        )
         assert raw.headers["x-inferq-worker"] == "plain"
     finally:
         proc.terminate()

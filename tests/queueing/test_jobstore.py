@@ -1,0 +1,98 @@
+"""Job record transitions against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+import redis.asyncio as aredis
+
+from ops.redis_server import RedisServer
+from queueing import keys
+from queueing.jobs import ChatMessage, Job, JobState, Sampling
+from queueing.jobstore import AsyncJobStore, JobStore
+from queueing.recovery import reap_dead_workers
+from queueing.registry import WorkerInfo, announce
+
+
+def make_job() -> Job:
+    return Job(
+        model="m",
+        messages=[ChatMessage(role="user", content="hi")],
+        sampling=Sampling(max_tokens=4, temperature=0, top_p=1),
+    )
+
+
+def create(url: str, job: Job) -> None:
+    async def go() -> None:
+        client = aredis.Redis.from_url(url)
+        await AsyncJobStore(client, ttl=60).create(job)
+        await client.aclose()
+
+    asyncio.run(go())
+
+
+def test_claim_once_then_finish(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    assert store.claim(job, "w1")
+    assert not store.claim(job, "w2")  # a second delivery of the same attempt does nothing
+    assert store.running_on("w1") == [job.id]
+    assert store.finish(job, "w1", JobState.DONE, text="ok")
+    assert store.state(job.id) == JobState.DONE
+    assert store.running_on("w1") == []
+    assert 0 < redis_client.ttl(keys.job_key(job.id)) <= 60
+
+
+def test_requeue_makes_the_old_attempt_stale(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    assert store.claim(job, "dead")
+    second = store.requeue(job.id, "dead")
+    assert second is not None and second.attempt == 2 and second.id == job.id
+    assert store.requeue(job.id, "dead") is None  # only once
+    assert not store.claim(job, "w2")  # the broker redelivering attempt 1 is dropped
+    assert store.claim(second, "w2")
+    assert not store.finish(job, "dead", JobState.DONE, text="late")  # the dead worker cannot overwrite
+    assert store.finish(second, "w2", JobState.DONE, text="ok")
+    assert redis_client.hget(keys.job_key(job.id), "text") == b"ok"
+
+
+def test_cancel_only_unfinished_jobs(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    job = make_job()
+    create(redis_server.url, job)
+
+    async def cancel() -> bool:
+        client = aredis.Redis.from_url(redis_server.url)
+        try:
+            return await AsyncJobStore(client, ttl=60).cancel(job.id)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(cancel())
+    assert JobStore(redis_client).state(job.id) == JobState.CANCELLED
+    assert not JobStore(redis_client).claim(job, "w1")  # a cancelled job is never started
+    assert not asyncio.run(cancel())
+
+
+def test_reaper_requeues_jobs_of_workers_without_heartbeat(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    store = JobStore(redis_client)
+    live, dead = make_job(), make_job()
+    for j in (live, dead):
+        create(redis_server.url, j)
+    info = WorkerInfo(name="alive", host="h", pid=1, engine="e", models=["m"], concurrency=1)
+    announce(redis_client, info, ttl=30)
+    assert store.claim(live, "alive")
+    announce(redis_client, info.model_copy(update={"name": "gone"}), ttl=30)
+    assert store.claim(dead, "gone")
+    redis_client.delete(keys.worker_key("gone"))  # its heartbeat expired
+
+    sent: list[Job] = []
+    assert reap_dead_workers(redis_client, store, sent.append) == [dead.id]
+    assert [(j.id, j.attempt) for j in sent] == [(dead.id, 2)]
+    assert store.state(dead.id) == JobState.QUEUED
+    assert store.state(live.id) == JobState.RUNNING
+    assert redis_client.smembers(keys.WORKERS_SET) == {b"alive"}
+    assert reap_dead_workers(redis_client, store, sent.append) == []

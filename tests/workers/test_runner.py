@@ -1,0 +1,113 @@
+"""The job runner against a real Redis with an in-test engine: what it publishes and records."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import redis
+import redis.asyncio as aredis
+
+from engines.base import ContextLengthExceeded, GenerationRequest, Output
+from ops.redis_server import RedisServer
+from queueing import events, keys
+from queueing.jobs import ChatMessage, Job, JobState, Sampling
+from queueing.jobstore import AsyncJobStore, JobStore
+from workers.models import ModelManager
+from workers.runner import JobRunner
+
+
+class ListEngine:
+    name = "list"
+
+    def __init__(self, pieces: list[str], error: Exception | None = None) -> None:
+        self.pieces, self.error = pieces, error
+
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        if self.error:
+            raise self.error
+        yield Output(prompt_tokens=3)
+        for i, p in enumerate(self.pieces, 1):
+            yield Output(text=p, prompt_tokens=3, completion_tokens=i)
+        yield Output(prompt_tokens=3, completion_tokens=len(self.pieces), finish_reason="length")
+
+    def abort(self, request_id: str) -> None: ...
+    def health(self) -> bool:
+        return True
+
+    def close(self) -> None: ...
+
+
+def runner_with(client: redis.Redis, engine: ListEngine) -> JobRunner:
+    models = ModelManager.__new__(ModelManager)
+    models._engines = {"m": engine}
+    return JobRunner("w", client, models)
+
+
+def run_and_listen(url: str, client: redis.Redis, runner: JobRunner, job: Job) -> list[events.Event]:
+    async def go() -> list[events.Event]:
+        a = aredis.Redis.from_url(url)
+        await AsyncJobStore(a, ttl=60).create(job)
+        pubsub = a.pubsub()
+        await pubsub.subscribe(keys.stream_channel(job.id))
+        await pubsub.get_message(timeout=1)  # the subscribe confirmation
+        worker = threading.Thread(target=runner.run, args=(job,))
+        worker.start()
+        got: list[events.Event] = []
+        while not got or got[-1].type not in ("finished", "error"):
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert msg is not None, got
+            got.append(events.decode(msg["data"]))
+        worker.join()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await a.aclose()
+        return got
+
+    return asyncio.run(go())
+
+
+def job(stream: bool) -> Job:
+    return Job(
+        model="m",
+        messages=[ChatMessage(role="user", content="x")],
+        sampling=Sampling(max_tokens=2, temperature=0, top_p=1),
+        stream=stream,
+    )
+
+
+def test_stream_job_publishes_started_deltas_finished(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    j = job(stream=True)
+    got = run_and_listen(redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a", "b"])), j)
+    assert [e.type for e in got] == ["started", "delta", "delta", "finished"]
+    assert "".join(e.text for e in got if isinstance(e, events.Delta)) == "ab"
+    assert isinstance(got[-1], events.Finished) and got[-1].text is None and got[-1].completion_tokens == 2
+    record = redis_client.hgetall(keys.job_key(j.id))
+    assert record[b"state"] == b"done" and record[b"text"] == b"ab" and record[b"worker"] == b"w"
+
+
+def test_non_stream_job_sends_the_text_once(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    got = run_and_listen(
+        redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a", "b"])), job(stream=False)
+    )
+    assert [e.type for e in got] == ["started", "finished"]
+    assert isinstance(got[-1], events.Finished) and got[-1].text == "ab"
+
+
+def test_engine_errors_become_failed_events(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    j = job(stream=True)
+    engine = ListEngine([], error=ContextLengthExceeded(900, 512))
+    got = run_and_listen(redis_server.url, redis_client, runner_with(redis_client, engine), j)
+    assert isinstance(got[-1], events.Failed)
+    assert (got[-1].status, got[-1].code) == (400, "context_length_exceeded")
+    assert JobStore(redis_client).state(j.id) == JobState.FAILED
+
+
+def test_stale_delivery_is_skipped(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    j = job(stream=True)
+    run_and_listen(redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a"])), j)
+    # The broker redelivers the same message: nothing runs or changes.
+    runner_with(redis_client, ListEngine(["zzz"])).run(j)
+    assert redis_client.hget(keys.job_key(j.id), "text") == b"a"
