@@ -48,25 +48,32 @@ class Dispatcher:
         self.celery = celery
         self.limits = limits
         self.store = AsyncJobStore(client, ttl=limits.request_timeout + 3600)
+        self._seen_serving: dict[str, float] = {}
 
     async def serves(self, model: str) -> list[str]:
         return [w.name for w in await registry.live_workers(self.client) if model in w.models]
 
     async def wait_for_worker(self, model: str) -> None:
         loop = asyncio.get_running_loop()
+        # A live worker seen within the last poll interval is enough: a worker that died since is caught by
+        # the job's watchdog, and the registry read stays off the path of most requests.
+        if loop.time() - self._seen_serving.get(model, -1e9) < self.limits.poll:
+            return
         deadline = loop.time() + self.limits.no_worker_timeout
         while not await self.serves(model):
             if loop.time() >= deadline:
                 raise errors.no_worker(model, self.limits.no_worker_timeout)
             await asyncio.sleep(self.limits.poll)
+        self._seen_serving[model] = loop.time()
 
     @contextlib.asynccontextmanager
     async def run(self, job: Job, disconnected: Disconnected | None = None) -> AsyncIterator[JobRun]:
         await self.wait_for_worker(job.model)
         async with self.hub.subscribe(job.id) as sub:
             await self.store.create(job)
-            # kombu's producer is synchronous; a thread keeps a slow Redis from stalling the event loop.
-            await asyncio.to_thread(enqueue, self.celery, job)
+            # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
+            # thread would (which also shows in time to first token on a busy machine).
+            enqueue(self.celery, job)
             jr = JobRun(self, job, sub, disconnected)
             try:
                 yield jr

@@ -30,8 +30,12 @@ class Subscription:
         """The next raw event, or None after ``wait`` seconds without one."""
         if self.overflowed:
             raise StreamOverflow(self.channel)
+        if not self.queue.empty():
+            return self.queue.get_nowait()
         try:
-            return await asyncio.wait_for(self.queue.get(), wait)
+            # asyncio.timeout, not wait_for: no extra task per event on the hot path.
+            async with asyncio.timeout(wait):
+                return await self.queue.get()
         except TimeoutError:
             return None
 

@@ -9,6 +9,7 @@ from engines.base import Engine
 
 ENGINES: dict[str, str] = {
     "llamacpp": "engines.llamacpp:LlamaCppEngine",
+    "scripted": "engines.scripted:ScriptedEngine",
 }
 
 

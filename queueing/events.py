@@ -42,11 +42,12 @@ class Failed(BaseModel):
     param: str | None = None
 
 
-Event = Annotated[Started | Delta | Finished | Failed, Field(discriminator="type")]
+AnyEvent = Started | Delta | Finished | Failed
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 
-def encode(event: Started | Delta | Finished | Failed) -> str:
+def encode(event: AnyEvent) -> str:
     return event.model_dump_json()
 
 

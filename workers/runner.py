@@ -138,7 +138,5 @@ class JobRunner:
             ),
         )
 
-    def _publish(
-        self, channel: str, event: events.Started | events.Delta | events.Finished | events.Failed
-    ) -> None:
+    def _publish(self, channel: str, event: events.AnyEvent) -> None:
         self._r.publish(channel, events.encode(event))

@@ -4,7 +4,7 @@ from queueing import events
 
 
 def test_events_round_trip_through_the_wire() -> None:
-    sent: list[events.Started | events.Delta | events.Finished | events.Failed] = [
+    sent: list[events.AnyEvent] = [
         events.Started(attempt=1, worker="w", prompt_tokens=3),
         events.Delta(attempt=1, text="héllo"),
         events.Finished(attempt=2, finish_reason="length", prompt_tokens=3, completion_tokens=4, text="x"),
