@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
-        hub = StreamHub(client)
+        hub = StreamHub(settings.redis_url)
         await hub.start()
         celery = create_celery(settings, catalog)
         app.state.redis = client
