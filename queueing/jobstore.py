@@ -85,6 +85,9 @@ class JobStore:
     def running_on(self, worker: str) -> list[str]:
         return [text(m) for m in self._r.smembers(keys.worker_jobs_key(worker))]
 
+    def forget_worker(self, worker: str) -> None:
+        self._r.delete(keys.worker_jobs_key(worker))
+
     def requeue(self, job_id: str, dead_worker: str) -> Job | None:
         """Hand a dead worker's running job back to the queue as its next attempt."""
         found = self._requeue(keys=[keys.job_key(job_id)], args=[dead_worker])

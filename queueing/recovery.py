@@ -20,6 +20,19 @@ from queueing.jobstore import JobStore
 logger = logging.getLogger(__name__)
 
 
+def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) -> list[str]:
+    """Re-queue the jobs a dead worker was running, each as its next attempt."""
+    requeued: list[str] = []
+    for job_id in store.running_on(name):
+        job = store.requeue(job_id, name)
+        if job is not None:
+            logger.warning("worker %s died; re-queued job %s as attempt %d", name, job.id, job.attempt)
+            enqueue(job)
+            requeued.append(job.id)
+    store.forget_worker(name)
+    return requeued
+
+
 def reap_dead_workers(
     client: redis.Redis, store: JobStore, enqueue: Callable[[Job], None], lock_seconds: float = 30.0
 ) -> list[str]:
@@ -31,14 +44,6 @@ def reap_dead_workers(
         # One reaper per dead worker, whichever live worker gets here first.
         if not client.set(keys.reap_lock_key(name), "1", nx=True, px=int(lock_seconds * 1000)):
             continue
-        for job_id in store.running_on(name):
-            job = store.requeue(job_id, name)
-            if job is not None:
-                logger.warning("worker %s died; re-queued job %s as attempt %d", name, job.id, job.attempt)
-                enqueue(job)
-                requeued.append(job.id)
-        with client.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.worker_jobs_key(name))
-            pipe.srem(keys.WORKERS_SET, name)
-            pipe.execute()
+        requeued += requeue_jobs_of(store, name, enqueue)
+        client.srem(keys.WORKERS_SET, name)
     return requeued

@@ -11,7 +11,7 @@ import redis
 from queueing import registry
 from queueing.jobs import Job
 from queueing.jobstore import JobStore
-from queueing.recovery import reap_dead_workers
+from queueing.recovery import reap_dead_workers, requeue_jobs_of
 from queueing.registry import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,11 @@ class Heartbeat(threading.Thread):
         self._enqueue = enqueue
         self._store = JobStore(client)
         self._halt = threading.Event()
+
+    def recover_previous_life(self) -> None:
+        """A worker restarted under the same name (a supervisor, `inferq up`) looks alive to the reaper at
+        once, so the jobs its killed predecessor held are re-queued here, before it announces itself."""
+        requeue_jobs_of(self._store, self._info.name, self._enqueue)
 
     def beat(self) -> None:
         registry.announce(self._r, self._info, self._ttl)

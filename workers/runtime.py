@@ -66,6 +66,7 @@ def start_heartbeat(app: Celery, settings: Settings, runtime: WorkerRuntime) -> 
         settings.heartbeat_ttl,
         lambda job: enqueue(app, job),
     )
+    runtime.heartbeat.recover_previous_life()
     runtime.heartbeat.beat()
     runtime.heartbeat.start()
     logger.info("worker %s serving %s", runtime.name, ", ".join(info.models))

@@ -96,3 +96,17 @@ def test_reaper_requeues_jobs_of_workers_without_heartbeat(
     assert store.state(live.id) == JobState.RUNNING
     assert redis_client.smembers(keys.WORKERS_SET) == {b"alive"}
     assert reap_dead_workers(redis_client, store, sent.append) == []
+
+
+def test_a_worker_restarted_under_its_old_name_requeues_what_it_held(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    from queueing.recovery import requeue_jobs_of
+
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    assert store.claim(job, "local")  # then the process was killed; a new "local" starts
+    sent: list[Job] = []
+    assert requeue_jobs_of(store, "local", sent.append) == [job.id]
+    assert [j.attempt for j in sent] == [2]
+    assert store.running_on("local") == []
