@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aredis
@@ -78,6 +78,7 @@ class Dispatcher:
             try:
                 yield jr
             finally:
+                await jr.close()
                 if not jr.finished:
                     # The client left or the request failed: stop the worker spending time on it.
                     await asyncio.shield(self.store.cancel(job.id))
@@ -91,27 +92,42 @@ class JobRun:
     disconnected: Disconnected | None
     attempt: int = 1
     worker: str | None = None
-    text_sent: str = ""
     finished: bool = False
+    _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
+    # One event stream per run, shared by start() and rest(), so one deadline covers the whole request.
+    _stream: AsyncGenerator[events.Event] | None = field(default=None, repr=False)
+
+    @property
+    def text_sent(self) -> str:
+        return "".join(self._sent)
+
+    def _event_stream(self) -> AsyncGenerator[events.Event]:
+        stream = self._stream or self._events()
+        self._stream = stream
+        return stream
 
     async def start(self) -> events.Started:
         """Wait until a worker accepted the prompt; errors before that are plain HTTP errors."""
-        async for event in self._events():
+        async for event in self._event_stream():
             if isinstance(event, events.Started):
                 return event
         raise AssertionError("event stream ended before it started")  # _events always raises or starts
 
     async def rest(self) -> AsyncIterator[events.Delta | events.Finished]:
-        async for event in self._events():
+        async for event in self._event_stream():
             if isinstance(event, events.Delta):
-                self.text_sent += event.text
+                self._sent.append(event.text)
             if isinstance(event, events.Delta | events.Finished):
                 yield event
             if isinstance(event, events.Finished):
                 return
 
-    async def _events(self) -> AsyncIterator[events.Event]:
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    async def _events(self) -> AsyncGenerator[events.Event]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.dispatcher.limits.request_timeout
         while True:
@@ -124,7 +140,7 @@ class JobRun:
                 continue
             if event.attempt > self.attempt:
                 # The job was re-queued after its worker died. Text already streamed cannot be taken back.
-                if self.text_sent:
+                if self._sent:
                     raise errors.worker_lost(self.worker or "?")
                 self.attempt = event.attempt
             if isinstance(event, events.Failed):
@@ -164,7 +180,7 @@ class JobRun:
             if await registry.is_alive_async(d.client, worker):
                 self._no_worker_since = None
                 return None
-            if self.text_sent:
+            if self._sent:
                 raise errors.worker_lost(worker)
             # A live worker of the fleet re-queues the dead worker's job; if none is left, stop waiting.
             await self._check_fleet()
@@ -184,9 +200,10 @@ class JobRun:
     def _replay_finished(self, record: dict[str, str], attempt: int) -> events.Event:
         """The Finished event was lost (pub/sub is at-most-once): rebuild it from the job record."""
         text = record.get("text", "")
-        if self.job.stream and text.startswith(self.text_sent) and len(text) > len(self.text_sent):
+        sent = self.text_sent
+        if self.job.stream and text.startswith(sent) and len(text) > len(sent):
             # Emit the missing tail first; the next watchdog pass returns the Finished event.
-            return events.Delta(attempt=attempt, text=text[len(self.text_sent) :])
+            return events.Delta(attempt=attempt, text=text[len(sent) :])
         return events.Finished(
             attempt=attempt,
             finish_reason=record.get("finish_reason", "stop"),
