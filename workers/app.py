@@ -28,7 +28,7 @@ app.conf.worker_concurrency = get_settings().worker_concurrency
 @celeryd_after_setup.connect
 def _load_models(sender: str, instance: Any, **_: Any) -> None:
     try:
-        rt = runtime.start_runtime(app, get_settings(), get_catalog(), nodename=sender)
+        rt = runtime.start_runtime(get_settings(), get_catalog(), nodename=sender)
     except Exception as exc:
         # Celery logs and swallows exceptions from signal handlers; a worker without its models must not
         # start consuming (it would take every queue), so leave with SystemExit, which Celery lets through.

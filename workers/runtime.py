@@ -37,7 +37,7 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
-def start_runtime(app: Celery, settings: Settings, catalog: Catalog, nodename: str) -> WorkerRuntime:
+def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> WorkerRuntime:
     """Load this worker's models; called once per worker process before it consumes."""
     global _runtime
     name = settings.worker_name or nodename

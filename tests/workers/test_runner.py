@@ -45,7 +45,7 @@ def runner_with(client: redis.Redis, engine: ListEngine) -> JobRunner:
     return JobRunner("w", client, models)
 
 
-def run_and_listen(url: str, client: redis.Redis, runner: JobRunner, job: Job) -> list[events.Event]:
+def run_and_listen(url: str, runner: JobRunner, job: Job) -> list[events.Event]:
     async def go() -> list[events.Event]:
         a = aredis.Redis.from_url(url)
         await AsyncJobStore(a, ttl=60).create(job)
@@ -80,7 +80,7 @@ def test_stream_job_publishes_started_deltas_finished(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
     j = job(stream=True)
-    got = run_and_listen(redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a", "b"])), j)
+    got = run_and_listen(redis_server.url, runner_with(redis_client, ListEngine(["a", "b"])), j)
     assert [e.type for e in got] == ["started", "delta", "delta", "finished"]
     assert "".join(e.text for e in got if isinstance(e, events.Delta)) == "ab"
     assert isinstance(got[-1], events.Finished) and got[-1].text is None and got[-1].completion_tokens == 2
@@ -90,7 +90,7 @@ def test_stream_job_publishes_started_deltas_finished(
 
 def test_non_stream_job_sends_the_text_once(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     got = run_and_listen(
-        redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a", "b"])), job(stream=False)
+        redis_server.url, runner_with(redis_client, ListEngine(["a", "b"])), job(stream=False)
     )
     assert [e.type for e in got] == ["started", "finished"]
     assert isinstance(got[-1], events.Finished) and got[-1].text == "ab"
@@ -99,7 +99,7 @@ def test_non_stream_job_sends_the_text_once(redis_server: RedisServer, redis_cli
 def test_engine_errors_become_failed_events(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     j = job(stream=True)
     engine = ListEngine([], error=ContextLengthExceeded(900, 512))
-    got = run_and_listen(redis_server.url, redis_client, runner_with(redis_client, engine), j)
+    got = run_and_listen(redis_server.url, runner_with(redis_client, engine), j)
     assert isinstance(got[-1], events.Failed)
     assert (got[-1].status, got[-1].code) == (400, "context_length_exceeded")
     assert JobStore(redis_client).state(j.id) == JobState.FAILED
@@ -107,7 +107,7 @@ def test_engine_errors_become_failed_events(redis_server: RedisServer, redis_cli
 
 def test_stale_delivery_is_skipped(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     j = job(stream=True)
-    run_and_listen(redis_server.url, redis_client, runner_with(redis_client, ListEngine(["a"])), j)
+    run_and_listen(redis_server.url, runner_with(redis_client, ListEngine(["a"])), j)
     # The broker redelivers the same message: nothing runs or changes.
     runner_with(redis_client, ListEngine(["zzz"])).run(j)
     assert redis_client.hget(keys.job_key(j.id), "text") == b"a"
