@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from engines.base import ContextLengthExceeded, EngineError, GenerationRequest, Output
+from engines.base import ContextLengthExceeded, EngineError, FinishReason, GenerationRequest, Output
 from engines.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class LlamaCppEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(request.stop)
         produced = 0
-        finish: str = "length"
+        finish: FinishReason = "length"
         for token in llm.generate(
             prompt,
             top_k=request.top_k,
@@ -113,7 +113,7 @@ class LlamaCppEngine:
             text=tail,
             prompt_tokens=len(prompt),
             completion_tokens=produced,
-            finish_reason=finish,  # type: ignore[arg-type]
+            finish_reason=finish,
         )
 
     def abort(self, request_id: str) -> None:

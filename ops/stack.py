@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from ops.redis_server import RedisServer
@@ -30,7 +30,7 @@ class Child:
     restart: bool
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    quick_deaths: int = field(default=0)
+    quick_deaths: int = 0
 
     def start(self, env: dict[str, str]) -> None:
         logger.info("starting %s: %s", self.name, " ".join(self.args))

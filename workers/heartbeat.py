@@ -51,6 +51,10 @@ class Heartbeat(threading.Thread):
             except redis.RedisError as exc:
                 # Redis may come back; the worker keeps serving what it has and beats again next time.
                 logger.warning("heartbeat failed: %s", exc)
+            except Exception:
+                # Anything else (a broker error while re-queueing a dead worker's job) must not end this
+                # thread: a worker that stops beating is declared dead by the rest of the fleet.
+                logger.exception("heartbeat failed")
             self._halt.wait(self._interval)
 
     def stop(self) -> None:

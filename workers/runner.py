@@ -58,7 +58,7 @@ class JobRunner:
                 job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages"
             )
         except ModelNotLoaded as exc:
-            self._fail(job, channel, 503, str(exc), "service_unavailable", "model_not_loaded", "model")
+            self._fail(job, channel, 503, str(exc), "service_unavailable_error", "model_not_loaded", "model")
         except Exception as exc:
             # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
             logger.exception("job %s failed", job.id)

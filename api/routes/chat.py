@@ -55,9 +55,13 @@ async def create_chat_completion(
     job = body.to_job(spec)
     if body.stream:
         return await _stream(body, dispatcher.run(job, request.is_disconnected))
+    finished: events.Finished | None = None
     async with dispatcher.run(job, request.is_disconnected) as run:
         await run.start()
-        finished = next(e for e in [e async for e in run.rest()] if isinstance(e, events.Finished))
+        async for event in run.rest():  # a non-streamed job publishes no deltas, only its end
+            if isinstance(event, events.Finished):
+                finished = event
+    assert finished is not None  # rest() ends with Finished or raises
     completion = ChatCompletion(
         id=job.id,
         model=body.model,
