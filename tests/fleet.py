@@ -42,10 +42,20 @@ class Fleet:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        args: list[str],
+        log: str,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         with open(self.tmp / log, "ab") as out:  # the child keeps its own descriptor
             return subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", *args], env=self.env, cwd=ROOT, stdout=out, stderr=out
+                [python or sys.executable, "-m", "ops.cli", *args],
+                env={**self.env, **(env or {})},
+                cwd=ROOT,
+                stdout=out,
+                stderr=out,
             )
 
     def start_api(self) -> None:
@@ -55,8 +65,21 @@ class Fleet:
             lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up"
         )
 
-    def start_worker(self, name: str, models: str = "smollm2-135m", wait: bool = True) -> None:
-        self.workers[name] = self._spawn(["worker", "--models", models, "--name", name], f"{name}.log")
+    def start_worker(
+        self,
+        name: str,
+        models: str = "smollm2-135m",
+        wait: bool = True,
+        *,
+        args: list[str] | None = None,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``python`` runs the worker under another interpreter (an engine's own venv); ``args`` are extra
+        ``inferq worker`` options such as ``--engine vllm --concurrency 8``."""
+        self.workers[name] = self._spawn(
+            ["worker", "--models", models, "--name", name, *(args or [])], f"{name}.log", python, env
+        )
         if wait:
             self.wait_listed(name)
 

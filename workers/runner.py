@@ -13,6 +13,7 @@ from queueing import events, keys
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
 from workers.models import ModelManager, ModelNotLoaded
+from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,15 @@ def to_generation_request(job: Job) -> GenerationRequest:
 
 class JobRunner:
     def __init__(
-        self, worker: str, client: redis.Redis, models: ModelManager, cancel_poll_seconds: float = 0.25
+        self,
+        worker: str,
+        client: redis.Redis,
+        models: ModelManager,
+        cancel_poll_seconds: float = 0.25,
+        stats: WorkerStats | None = None,
     ) -> None:
         self.worker = worker
+        self.stats = stats or WorkerStats()
         self._r = client
         self._store = JobStore(client)
         self._models = models
@@ -51,8 +58,11 @@ class JobRunner:
             logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
             return
         channel = keys.stream_channel(job.id)
+        self.stats.job_started()
+        ok = False
         try:
             self._generate(job, channel)
+            ok = True
         except ContextLengthExceeded as exc:
             self._fail(
                 job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages"
@@ -63,9 +73,14 @@ class JobRunner:
             # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
             logger.exception("job %s failed", job.id)
             self._fail(job, channel, 500, f"generation failed: {exc}", "server_error", None, None)
+        finally:
+            if not ok:
+                self.stats.job_finished(ok=False)
 
     def _generate(self, job: Job, channel: str) -> None:
         engine = self._models.get(job.model)
+        started = time.monotonic()
+        first_token_at: float | None = None
         outputs = engine.generate(to_generation_request(job))
         first = next(outputs)
         self._publish(
@@ -77,11 +92,16 @@ class JobRunner:
         for out in self._watch_cancel(job, engine.abort, outputs):
             last = out
             if out.text:
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                    self.stats.first_token(first_token_at - started)
                 parts.append(out.text)
                 if job.stream:
                     self._publish(channel, events.Delta(attempt=job.attempt, text=out.text))
         reason = last.finish_reason or "stop"
         text = "".join(parts)
+        decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
+        self.stats.job_finished(ok=True, tokens=last.completion_tokens, decode_seconds=decode)
         self._store.finish(
             job,
             self.worker,

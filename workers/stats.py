@@ -1,0 +1,57 @@
+"""What a worker measures about its own jobs: in-flight count, totals, and EWMAs of its speed.
+
+The registry publishes a snapshot with every heartbeat; ``fastest_response`` routing reads the EWMAs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    in_flight: int
+    completed: int
+    failed: int
+    ewma_ttft: float | None
+    ewma_tpot: float | None
+
+
+class WorkerStats:
+    """Thread-safe counters fed by the job runner (one call per job event, never per token)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._completed = 0
+        self._failed = 0
+        self._ttft: float | None = None
+        self._tpot: float | None = None
+
+    def _ewma(self, old: float | None, sample: float) -> float:
+        return sample if old is None else old + self._alpha * (sample - old)
+
+    def job_started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self._ttft = self._ewma(self._ttft, seconds)
+
+    def job_finished(self, ok: bool, tokens: int = 0, decode_seconds: float = 0.0) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if ok:
+                self._completed += 1
+            else:
+                self._failed += 1
+            # One token says nothing about the decode rate (it is all prefill), so it is not a sample.
+            if ok and tokens > 1 and decode_seconds > 0:
+                self._tpot = self._ewma(self._tpot, decode_seconds / (tokens - 1))
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            return StatsSnapshot(self._in_flight, self._completed, self._failed, self._ttft, self._tpot)
