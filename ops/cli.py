@@ -87,5 +87,36 @@ def worker(models: str | None, engine: str | None, name: str | None, concurrency
     os.execv(sys.executable, [sys.executable, *args])
 
 
+@main.command()
+def doctor() -> None:
+    """This machine's platform, the engine libraries each interpreter imports, and the engine choice."""
+    from ops.doctor import diagnose, render
+
+    click.echo(render(diagnose()))
+
+
+@main.group()
+def models() -> None:
+    """Model folders derived for engines that cannot read the catalog's source (vLLM, MLX)."""
+
+
+@models.command("prepare")
+@click.argument("model")
+@click.option("--engine", required=True, help="The engine to prepare for, e.g. vllm or mlx.")
+@click.option("--python", default=None, help="Interpreter with torch, transformers, gguf for the conversion.")
+@click.option("--force", is_flag=True, help="Convert again even if the folder is cached.")
+def prepare(model: str, engine: str, python: str | None, force: bool) -> None:
+    """Derive MODEL's folder for ENGINE from its GGUF, once, into INFERQ_MODELS_CACHE; print its path."""
+    from ops.prepare import PrepareError
+    from ops.prepare import prepare as run_prepare
+    from queueing.catalog import get_catalog
+
+    _logging()
+    try:
+        click.echo(run_prepare(get_catalog(), model, engine, python=python, force=force))
+    except PrepareError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

