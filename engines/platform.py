@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -48,7 +48,7 @@ class Platform:
     os: str
     arch: str
     apple_silicon: bool
-    cuda_devices: list[CudaDevice] = field(default_factory=list)
+    cuda_devices: tuple[CudaDevice, ...] = ()
     ram_total_mib: int = 0
     ram_free_mib: int = 0
 
@@ -70,8 +70,10 @@ def detect() -> Platform:
     )
 
 
-def cuda_devices() -> list[CudaDevice]:
-    return _nvidia_smi() or _proc_driver()
+@functools.lru_cache
+def cuda_devices() -> tuple[CudaDevice, ...]:
+    """The GPUs, looked up once per process (a worker asks for every model it could load)."""
+    return tuple(_nvidia_smi() or _proc_driver())
 
 
 def _nvidia_smi() -> list[CudaDevice]:

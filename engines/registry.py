@@ -9,6 +9,8 @@ from engines.base import Engine
 
 ENGINES: dict[str, str] = {
     "llamacpp": "engines.llamacpp:LlamaCppEngine",
+    "vllm": "engines.vllm:VllmEngine",
+    "mlx": "engines.mlx:MlxEngine",
     "scripted": "engines.scripted:ScriptedEngine",
 }
 

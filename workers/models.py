@@ -6,6 +6,7 @@ import logging
 import time
 
 from engines.base import Engine
+from engines.platform import choose_engine
 from engines.registry import create_engine
 from queueing.catalog import Catalog, ModelSpec
 
@@ -30,7 +31,7 @@ class ModelManager:
             if self._forced_engine not in spec.sources:
                 raise ValueError(f"model {spec.id!r} has no source for engine {self._forced_engine!r}")
             return self._forced_engine
-        return spec.engines()[0]
+        return choose_engine(spec.engines())
 
     def load(self, model: str) -> Engine:
         if model in self._engines:
