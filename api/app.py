@@ -11,17 +11,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
-from api import errors
-from api.jobs import Dispatcher, Limits
-from api.routes import chat, models, system
+from api import auth, errors
+from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
+from api.routes import chat, completions, embeddings, management, models, system
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
 from queueing.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+async def _routing_header(request: Request) -> None:
+    """Reads the per-request routing override once for every endpoint (see api.jobs.requested_routing)."""
+    requested_routing.set(parse_routing(request.headers.get(ROUTING_HEADER)))
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
@@ -36,7 +41,9 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         celery = create_celery(settings, catalog)
         app.state.redis = client
         app.state.catalog = catalog
-        app.state.dispatcher = Dispatcher(client, hub, celery, Limits.from_settings(settings))
+        app.state.dispatcher = Dispatcher(
+            client, hub, celery, Limits.from_settings(settings), catalog, settings
+        )
         try:
             yield
         finally:
@@ -44,8 +51,12 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await client.aclose()
             celery.close()
 
-    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
-    for module in (chat, models, system):
+    for module in (chat, completions, embeddings, models, system, management):
         app.include_router(module.router)
+    keys = auth.Keys.from_settings(settings)
+    if keys is not None:
+        # Middleware, not a dependency: it covers every route, also those added later and /docs.
+        app.add_middleware(auth.AuthMiddleware, keys=keys)
     return app

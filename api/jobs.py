@@ -10,22 +10,44 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import redis.asyncio as aredis
 from celery import Celery
 
 from api import errors
+from api.control import FleetControl
 from api.streams import StreamHub, Subscription
 from queueing import events, registry
+from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
 from queueing.jobs import Job, JobState
 from queueing.jobstore import AsyncJobStore
+from queueing.routing import Router
 from queueing.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 Disconnected = Callable[[], Awaitable[bool]]
+
+ROUTING_HEADER = "x-inferq-routing"
+# The routing mode a request asked for in its header; set by the app-wide dependency in api/app.py so that
+# every endpoint that enqueues honours it without each one reading the header.
+requested_routing: ContextVar[Routing | None] = ContextVar("requested_routing", default=None)
+
+
+def parse_routing(value: str | None) -> Routing | None:
+    if value is None:
+        return None
+    if value not in ROUTING_MODES:
+        raise errors.invalid_request(
+            f"Unknown routing mode {value!r} in the {ROUTING_HEADER} header; "
+            f"one of: {', '.join(ROUTING_MODES)}.",
+            ROUTING_HEADER,
+            "invalid_routing",
+        )
+    return value
 
 
 @dataclass
@@ -42,38 +64,60 @@ class Limits:
 class Dispatcher:
     """Puts jobs on their model's queue and hands back a ``JobRun`` to follow each one."""
 
-    def __init__(self, client: aredis.Redis, hub: StreamHub, celery: Celery, limits: Limits) -> None:
+    def __init__(
+        self,
+        client: aredis.Redis,
+        hub: StreamHub,
+        celery: Celery,
+        limits: Limits,
+        catalog: Catalog,
+        settings: Settings,
+    ) -> None:
         self.client = client
         self.hub = hub
         self.celery = celery
         self.limits = limits
+        self.catalog = catalog
+        self.default_routing = parse_routing(settings.routing) or "queue"
         self.store = AsyncJobStore(client, ttl=limits.request_timeout + 3600)
-        self._seen_serving: dict[str, float] = {}
+        # Routing only picks workers that beat within two intervals; a stale one may be dead.
+        fresh = 2 * settings.heartbeat_interval
+        self.router = Router(client, fresh, settings.route_explore)
+        self.fleet = FleetControl(client, celery, fresh, settings.load_timeout, limits.poll)
 
     async def serves(self, model: str) -> list[str]:
         return [w.name for w in await registry.live_workers(self.client) if model in w.models]
 
-    async def wait_for_worker(self, model: str) -> None:
+    def routing_for(self, model: str) -> Routing:
+        spec = self.catalog.get(model)
+        return requested_routing.get() or (spec.routing if spec else None) or self.default_routing
+
+    async def candidates(self, model: str) -> list[registry.WorkerInfo]:
+        """Fresh workers ready for ``model``: loaded on demand if need be, waited for (bounded) if none
+        could serve it yet; a 503 when none appears."""
+        ready = await self.fleet.ensure_ready(model)
+        if ready:
+            return ready
         loop = asyncio.get_running_loop()
-        # A live worker seen within the last poll interval is enough: a worker that died since is caught by
-        # the job's watchdog, and the registry read stays off the path of most requests.
-        if loop.time() - self._seen_serving.get(model, -1e9) < self.limits.poll:
-            return
         deadline = loop.time() + self.limits.no_worker_timeout
-        while not await self.serves(model):
-            if loop.time() >= deadline:
-                raise errors.no_worker(model, self.limits.no_worker_timeout)
+        while loop.time() < deadline:
             await asyncio.sleep(self.limits.poll)
-        self._seen_serving[model] = loop.time()
+            ready = await self.fleet.ensure_ready(model)
+            if ready:
+                return ready
+        raise errors.no_worker(model, self.limits.no_worker_timeout)
 
     @contextlib.asynccontextmanager
     async def run(self, job: Job, disconnected: Disconnected | None = None) -> AsyncIterator[JobRun]:
-        await self.wait_for_worker(job.model)
+        workers = await self.candidates(job.model)
+        strategy = self.routing_for(job.model)
         async with self.hub.subscribe(job.id) as sub:
             await self.store.create(job)
+            target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job))
             # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
-            # thread would (which also shows in time to first token on a busy machine).
-            enqueue(self.celery, job)
+            # thread would (which also shows in time to first token on a busy machine). No target: the
+            # model's shared queue, where every worker with the model pulls.
+            enqueue(self.celery, job, worker=target)
             jr = JobRun(self, job, sub, disconnected)
             try:
                 yield jr
@@ -82,6 +126,12 @@ class Dispatcher:
                 if not jr.finished:
                     # The client left or the request failed: stop the worker spending time on it.
                     await asyncio.shield(self.store.cancel(job.id))
+
+
+def _expected_tokens(job: Job) -> int:
+    # What fastest_response weighs a worker's decode speed by; a request without a limit counts as long.
+    sampling = getattr(job, "sampling", None)
+    return min(getattr(sampling, "max_tokens", 1) or 1, 1024)
 
 
 @dataclass

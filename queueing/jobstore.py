@@ -17,8 +17,9 @@ from queueing import keys
 from queueing._codec import text
 from queueing.jobs import Job, JobState
 
-# KEYS: job, worker's job set. ARGV: attempt, worker, now, job id.
+# KEYS: job, worker's job set, worker's assigned set. ARGV: attempt, worker, now, job id.
 _CLAIM = """
+redis.call('SREM', KEYS[3], ARGV[4])
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
@@ -45,8 +46,32 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'queued')
-redis.call('HDEL', KEYS[1], 'worker')
+redis.call('HDEL', KEYS[1], 'worker', 'routed_to')
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
+"""
+
+# KEYS: job. ARGV: dead worker. Like _REQUEUE, for a job still waiting in the dead worker's own queue.
+_REQUEUE_ROUTED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
+if redis.call('HGET', KEYS[1], 'routed_to') ~= ARGV[1] then return nil end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HDEL', KEYS[1], 'routed_to')
+return {redis.call('HGET', KEYS[1], 'payload'), attempt}
+"""
+
+# KEYS: worker's assigned set. ARGV: worker, job key prefix. Drops entries whose job is no longer waiting
+# for this worker (finished, cancelled, re-routed, expired), so in-flight counts cannot drift for long.
+_HEAL_ASSIGNED = """
+local dropped = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local state = redis.call('HGET', ARGV[2] .. id, 'state')
+  local routed = redis.call('HGET', ARGV[2] .. id, 'routed_to')
+  if state ~= 'queued' or routed ~= ARGV[1] then
+    redis.call('SREM', KEYS[1], id)
+    dropped = dropped + 1
+  end
+end
+return dropped
 """
 
 # KEYS: job. Cancels a job that has not finished yet.
@@ -68,9 +93,11 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
+        self._requeue_routed = client.register_script(_REQUEUE_ROUTED)
+        self._heal = client.register_script(_HEAL_ASSIGNED)
 
     def claim(self, job: Job, worker: str) -> bool:
-        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
+        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
         return bool(self._claim(keys=keys_, args=[job.attempt, worker, time.time(), job.id]))
 
     def finish(self, job: Job, worker: str, state: JobState, **result: str | int) -> bool:
@@ -85,12 +112,31 @@ class JobStore:
     def running_on(self, worker: str) -> list[str]:
         return [text(m) for m in self._r.smembers(keys.worker_jobs_key(worker))]
 
+    def assigned_to(self, worker: str) -> list[str]:
+        return [text(m) for m in self._r.smembers(keys.worker_assigned_key(worker))]
+
+    def heal_assigned(self, worker: str) -> int:
+        return int(self._heal(keys=[keys.worker_assigned_key(worker)], args=[worker, keys.JOB_PREFIX]))
+
     def forget_worker(self, worker: str) -> None:
-        self._r.delete(keys.worker_jobs_key(worker))
+        """Drop what a dead worker held: its job sets and the messages left in its own queue (their jobs
+        were re-queued first; a stale message would be dropped at claim anyway)."""
+        queue = keys.worker_queue(worker)
+        self._r.delete(
+            keys.worker_jobs_key(worker), keys.worker_assigned_key(worker), *keys.queue_list_keys(queue)
+        )
+        self._r.zrem(keys.WORKERS_SEEN, worker)
 
     def requeue(self, job_id: str, dead_worker: str) -> Job | None:
         """Hand a dead worker's running job back to the queue as its next attempt."""
-        found = self._requeue(keys=[keys.job_key(job_id)], args=[dead_worker])
+        return self._next_attempt(self._requeue(keys=[keys.job_key(job_id)], args=[dead_worker]))
+
+    def requeue_routed(self, job_id: str, dead_worker: str) -> Job | None:
+        """Take back a job that waits in a dead worker's own queue, as its next attempt."""
+        return self._next_attempt(self._requeue_routed(keys=[keys.job_key(job_id)], args=[dead_worker]))
+
+    @staticmethod
+    def _next_attempt(found: list[bytes] | None) -> Job | None:
         if not found:
             return None
         payload, attempt = found

@@ -7,13 +7,32 @@ PREFIX = "inferq"
 # Celery task names: the API enqueues by name so it never imports worker code.
 GENERATE_TASK = "inferq.generate"
 
-# One shared queue per model; workers consume the queues of the models they have loaded.
+# One shared queue per model; workers consume the queues of the models they have loaded. Every worker also
+# consumes a queue of its own, which the routing strategies other than `queue` send to.
 MODEL_QUEUE_PREFIX = f"{PREFIX}.model."
+WORKER_QUEUE_PREFIX = f"{PREFIX}.worker."
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>".
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+# Remote-control commands (Celery broadcast) that the management API sends to one worker.
+CONTROL_LOAD = "inferq_load"
+CONTROL_UNLOAD = "inferq_unload"
+CONTROL_PIN = "inferq_pin"
 
 # Worker registry: a heartbeat key with a TTL per worker, plus the set of names ever announced, so a worker
 # that vanished without deregistering can still be found and its jobs recovered.
 WORKERS_SET = f"{PREFIX}:workers"
 WORKER_PREFIX = f"{PREFIX}:worker:"
+# When each worker last beat, in Redis server milliseconds (one clock for the whole fleet): routing only
+# picks workers seen within two heartbeat intervals.
+WORKERS_SEEN = f"{PREFIX}:workers:seen"
+
+# Routing state shared by every API process: the round-robin cursor and smooth-weighted counters per model.
+ROUTE_RR_PREFIX = f"{PREFIX}:route:rr:"
+ROUTE_WEIGHTED_PREFIX = f"{PREFIX}:route:weighted:"
+# Held while one worker loads a model on demand, so concurrent requests do not start several loads.
+LOAD_LOCK_PREFIX = f"{PREFIX}:lock:load:"
 
 # Job records: one hash per request, and per worker the set of jobs it is running.
 JOB_PREFIX = f"{PREFIX}:job:"
@@ -29,8 +48,35 @@ def worker_key(name: str) -> str:
     return f"{WORKER_PREFIX}{name}"
 
 
+def worker_queue(name: str) -> str:
+    return f"{WORKER_QUEUE_PREFIX}{name}"
+
+
+def queue_list_keys(queue: str) -> list[str]:
+    """The Redis lists that hold one kombu queue's messages, one per priority step."""
+    return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+
+
 def worker_jobs_key(name: str) -> str:
+    """Jobs a worker claimed and is running."""
     return f"{WORKER_PREFIX}{name}:jobs"
+
+
+def worker_assigned_key(name: str) -> str:
+    """Jobs routed to a worker's own queue that it has not claimed yet."""
+    return f"{WORKER_PREFIX}{name}:assigned"
+
+
+def route_rr_key(model: str) -> str:
+    return f"{ROUTE_RR_PREFIX}{model}"
+
+
+def route_weighted_key(model: str) -> str:
+    return f"{ROUTE_WEIGHTED_PREFIX}{model}"
+
+
+def load_lock_key(model: str) -> str:
+    return f"{LOAD_LOCK_PREFIX}{model}"
 
 
 def job_key(request_id: str) -> str:

@@ -21,10 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) -> list[str]:
-    """Re-queue the jobs a dead worker was running, each as its next attempt."""
+    """Re-queue the jobs a dead worker was running or had waiting in its own queue, each as its next
+    attempt on the model's shared queue, which every live worker with the model consumes."""
     requeued: list[str] = []
-    for job_id in store.running_on(name):
-        job = store.requeue(job_id, name)
+    taken = [(i, store.requeue) for i in store.running_on(name)]
+    taken += [(i, store.requeue_routed) for i in store.assigned_to(name)]
+    for job_id, take in taken:
+        job = take(job_id, name)
         if job is not None:
             logger.warning("worker %s died; re-queued job %s as attempt %d", name, job.id, job.attempt)
             enqueue(job)

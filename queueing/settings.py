@@ -17,6 +17,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port the API listens on.")
     models_file: Path | None = Field(None, description="YAML model catalog; the built-in one when unset.")
     log_level: str = Field("INFO", description="Logging level of every inferq process.")
+
+    # API keys (api/auth.py). Unset: the API is open.
+    api_keys: str | None = Field(
+        None,
+        description="Comma-separated API keys, or the path of a file with one key per line; when set, every "
+        "route but health and metrics needs `Authorization: Bearer <key>`.",
+    )
+    admin_key: str | None = Field(
+        None, description="Key for management writes (non-GET routes under /v1/system/); also a normal key."
+    )
     models_cache: Path = Field(
         Path("~/.cache/inferq/models"),
         description="Where `inferq models prepare` puts the folders it derives (<model>/<engine>).",
@@ -37,6 +47,22 @@ class Settings(BaseSettings):
         "Fast recovery from a dead worker comes from the heartbeat, not from this.",
     )
 
+    # Routing and models on demand.
+    routing: str = Field(
+        "queue",
+        description="How the API picks a worker: queue, round_robin, least_connections, weighted, random or "
+        "fastest_response. The catalog can override it per model, a request per `x-inferq-routing` header.",
+    )
+    route_explore: float = Field(
+        0.05, description="Share of fastest_response picks sent to a random worker, so all stay measured."
+    )
+    load_timeout: float = Field(
+        120.0, description="How long a request waits for a model to be loaded on demand before a 503."
+    )
+    keep_alive: float = Field(
+        300.0, description="Seconds an idle, unpinned model stays loaded (catalog overrides); < 0: forever."
+    )
+
     # Worker side: what `celery -A workers.app worker` serves when started without `inferq worker`.
     worker_models: str = Field("smollm2-135m", description="Comma-separated catalog models a worker loads.")
     worker_engine: str | None = Field(
@@ -46,10 +72,25 @@ class Settings(BaseSettings):
         None, description="Registry name of the worker; default: Celery's nodename."
     )
     worker_concurrency: int = Field(1, description="Jobs a worker runs at once.")
+    worker_weight: float = Field(1.0, gt=0, description="Share of `weighted` routing this worker gets.")
+    worker_pin: str | None = Field(
+        None, description="Comma-separated models never evicted; default: the models loaded at start."
+    )
+    worker_max_models: int = Field(0, ge=0, description="Most models loaded at once; 0: no limit.")
+    worker_memory_budget: int = Field(
+        0, ge=0, description="Bytes of model weights loaded at once (file sizes); 0: no limit."
+    )
     llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
 
     def model_list(self) -> list[str]:
-        return [m.strip() for m in self.worker_models.split(",") if m.strip()]
+        return _split(self.worker_models)
+
+    def pinned_list(self) -> list[str]:
+        return self.model_list() if self.worker_pin is None else _split(self.worker_pin)
+
+
+def _split(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 @lru_cache

@@ -12,7 +12,7 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from queueing.catalog import get_catalog
-from queueing.celery_app import create_celery
+from queueing.celery_app import create_celery, worker_queue
 from queueing.settings import get_settings
 from workers import runtime
 
@@ -34,13 +34,16 @@ def _load_models(sender: str, instance: Any, **_: Any) -> None:
         # start consuming (it would take every queue), so leave with SystemExit, which Celery lets through.
         logger.critical("cannot start the worker: %s", exc)
         raise SystemExit(1) from exc
-    # Consume exactly the queues of the models loaded here, whatever -Q said.
-    instance.app.amqp.queues.select(rt.queues())
+    # Consume exactly this worker's own queue and the queues of the models loaded here, whatever -Q said.
+    queues = instance.app.amqp.queues
+    queues.select_add(worker_queue(rt.name))
+    queues.select(rt.queues())
 
 
 @worker_ready.connect
-def _join_fleet(**_: Any) -> None:
-    runtime.start_heartbeat(app, get_settings(), runtime.get_runtime())
+def _join_fleet(sender: Any, **_: Any) -> None:
+    # The sender is Celery's consumer: models loaded later start their queues through it.
+    runtime.start_heartbeat(app, runtime.get_runtime(), consumer=sender)
 
 
 @worker_shutdown.connect
@@ -48,4 +51,5 @@ def _leave_fleet(**_: Any) -> None:
     runtime.stop_runtime()
 
 
+import workers.control  # noqa: E402  (registers the remote-control commands)
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

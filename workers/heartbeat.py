@@ -1,4 +1,5 @@
-"""The heartbeat thread: keeps this worker in the registry and recovers the jobs of workers that died."""
+"""The heartbeat thread: keeps this worker in the registry, recovers the jobs of workers that died, heals
+this worker's in-flight bookkeeping and unloads models idle past their keep-alive."""
 
 from __future__ import annotations
 
@@ -21,32 +22,43 @@ class Heartbeat(threading.Thread):
     def __init__(
         self,
         client: redis.Redis,
-        info: WorkerInfo,
+        name: str,
+        info: Callable[[], WorkerInfo],
         interval: float,
         ttl: float,
         enqueue: Callable[[Job], None],
+        on_beat: Callable[[], object] = lambda: None,
     ) -> None:
         super().__init__(name="inferq-heartbeat", daemon=True)
         self._r = client
+        self._name = name
         self._info = info
         self._interval = interval
         self._ttl = ttl
         self._enqueue = enqueue
+        self._on_beat = on_beat
         self._store = JobStore(client)
         self._halt = threading.Event()
+        self._wake = threading.Event()
 
     def recover_previous_life(self) -> None:
         """A worker restarted under the same name (a supervisor, `inferq up`) looks alive to the reaper at
         once, so the jobs its killed predecessor held are re-queued here, before it announces itself."""
-        requeue_jobs_of(self._store, self._info.name, self._enqueue)
+        requeue_jobs_of(self._store, self._name, self._enqueue)
 
     def beat(self) -> None:
-        registry.announce(self._r, self._info, self._ttl)
+        registry.announce(self._r, self._info(), self._ttl)
         reap_dead_workers(self._r, self._store, self._enqueue)
+        self._store.heal_assigned(self._name)
+
+    def beat_soon(self) -> None:
+        """Announce now rather than at the next interval (a model was loaded or unloaded)."""
+        self._wake.set()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
+                self._on_beat()
                 self.beat()
             except redis.RedisError as exc:
                 # Redis may come back; the worker keeps serving what it has and beats again next time.
@@ -55,12 +67,14 @@ class Heartbeat(threading.Thread):
                 # Anything else (a broker error while re-queueing a dead worker's job) must not end this
                 # thread: a worker that stops beating is declared dead by the rest of the fleet.
                 logger.exception("heartbeat failed")
-            self._halt.wait(self._interval)
+            self._wake.wait(self._interval)
+            self._wake.clear()
 
     def stop(self) -> None:
         self._halt.set()
+        self._wake.set()
         self.join(timeout=self._interval * 2)
         try:
-            registry.deregister(self._r, self._info.name)
+            registry.deregister(self._r, self._name)
         except redis.RedisError as exc:
-            logger.warning("could not deregister %s: %s", self._info.name, exc)
+            logger.warning("could not deregister %s: %s", self._name, exc)

@@ -1,11 +1,15 @@
-"""What one worker process holds once it started: its name, Redis, loaded models, runner and heartbeat."""
+"""What one worker process holds once it started: its name, Redis, loaded models, runner and heartbeat, and
+the glue that turns a model becoming ready (or going away) into consuming (or leaving) its queue."""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from celery import Celery
@@ -13,11 +17,12 @@ from celery import Celery
 from queueing import keys
 from queueing.catalog import Catalog
 from queueing.celery_app import enqueue
-from queueing.registry import WorkerInfo
+from queueing.registry import ModelState, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
 from workers.models import ModelManager
 from workers.runner import JobRunner
+from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +30,69 @@ logger = logging.getLogger(__name__)
 @dataclass
 class WorkerRuntime:
     name: str
+    node: str
+    settings: Settings
     client: redis.Redis
     models: ModelManager
     runner: JobRunner
+    stats: WorkerStats
     heartbeat: Heartbeat | None = None
+    # Celery's consumer, once the worker consumes; queue changes are handed to its event loop.
+    consumer: Any = None
+    started_at: float = field(default_factory=time.time)
 
     def queues(self) -> list[str]:
-        return [keys.model_queue(m) for m in self.models.loaded()]
+        return [keys.worker_queue(self.name), *(keys.model_queue(m) for m in self.models.loaded())]
+
+    def info(self) -> WorkerInfo:
+        s = self.stats.snapshot()
+        return WorkerInfo(
+            name=self.name,
+            node=self.node,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            platform=f"{platform.system().lower()}-{platform.machine().lower()}",
+            engine=",".join(self.models.engine_names()) or (self.settings.worker_engine or ""),
+            models=self.models.loaded(),
+            model_states=self.models.statuses(),
+            capable=self.models.capable(),
+            load_errors=dict(self.models.load_errors),
+            concurrency=self.settings.worker_concurrency,
+            weight=self.settings.worker_weight,
+            max_models=self.models.max_models,
+            memory_budget=self.models.memory_budget,
+            in_flight=s.in_flight,
+            completed=s.completed,
+            failed=s.failed,
+            ewma_ttft=s.ewma_ttft,
+            ewma_tpot=s.ewma_tpot,
+            started_at=self.started_at,
+        )
+
+    # -- run-time model changes (from remote-control commands and the idle sweep) ----------------------
+
+    def load_model(self, model: str, pinned: bool = False, keep_alive: float | None = None) -> None:
+        self.models.load_errors.pop(model, None)
+        try:
+            self.models.load(model, pinned=pinned, keep_alive=keep_alive)
+        except Exception as exc:
+            logger.error("cannot load %s: %s", model, exc)
+            self.models.load_errors[model] = str(exc)
+            self._beat()
+
+    def on_model_change(self, model: str, state: ModelState | None) -> None:
+        queue = keys.model_queue(model)
+        if self.consumer is not None:
+            # Queue changes run on the consumer's event loop, never on this thread.
+            if state == "ready":
+                self.consumer.call_soon(self.consumer.add_task_queue, queue)
+            elif state == "unloading":
+                self.consumer.call_soon(self.consumer.cancel_task_queue, queue)
+        self._beat()
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat_soon()
 
 
 _runtime: WorkerRuntime | None = None
@@ -42,34 +103,49 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
     global _runtime
     name = settings.worker_name or nodename
     client = redis.Redis.from_url(settings.redis_url)
-    models = ModelManager(catalog, settings.worker_engine, settings.llamacpp_threads)
-    for model in settings.model_list():
-        models.load(model)
-    _runtime = WorkerRuntime(name=name, client=client, models=models, runner=JobRunner(name, client, models))
-    return _runtime
-
-
-def start_heartbeat(app: Celery, settings: Settings, runtime: WorkerRuntime) -> None:
-    """Advertise the worker; called once it consumes, so it is never listed before it can serve."""
-    info = WorkerInfo(
-        name=runtime.name,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        engine=",".join(runtime.models.engine_names()),
-        models=runtime.models.loaded(),
-        concurrency=settings.worker_concurrency,
+    models = ModelManager(
+        catalog,
+        settings.worker_engine,
+        settings.llamacpp_threads,
+        max_models=settings.worker_max_models,
+        memory_budget=settings.worker_memory_budget,
+        default_keep_alive=settings.keep_alive if settings.keep_alive >= 0 else None,
     )
+    pinned = set(settings.pinned_list())
+    for model in settings.model_list():
+        models.load(model, pinned=model in pinned)
+    stats = WorkerStats()
+    rt = WorkerRuntime(
+        name=name,
+        node=nodename,
+        settings=settings,
+        client=client,
+        models=models,
+        runner=JobRunner(name, client, models, stats=stats),
+        stats=stats,
+    )
+    models.on_change = rt.on_model_change
+    _runtime = rt
+    return rt
+
+
+def start_heartbeat(app: Celery, runtime: WorkerRuntime, consumer: Any) -> None:
+    """Advertise the worker; called once it consumes, so it is never listed before it can serve."""
+    s = runtime.settings
+    runtime.consumer = consumer
     runtime.heartbeat = Heartbeat(
         runtime.client,
-        info,
-        settings.heartbeat_interval,
-        settings.heartbeat_ttl,
+        runtime.name,
+        runtime.info,
+        s.heartbeat_interval,
+        s.heartbeat_ttl,
         lambda job: enqueue(app, job),
+        on_beat=runtime.models.expire_idle,
     )
     runtime.heartbeat.recover_previous_life()
     runtime.heartbeat.beat()
     runtime.heartbeat.start()
-    logger.info("worker %s serving %s", runtime.name, ", ".join(info.models))
+    logger.info("worker %s serving %s", runtime.name, ", ".join(runtime.models.loaded()))
 
 
 def stop_runtime() -> None:

@@ -12,4 +12,8 @@ from workers.runtime import get_runtime
 
 @app.task(name=keys.GENERATE_TASK)
 def generate(job: dict[str, Any]) -> None:
-    get_runtime().runner.run(Job.model_validate(job))
+    rt = get_runtime()
+    parsed = Job.model_validate(job)
+    # Marks the model busy, so that neither the idle sweep nor an eviction unloads it under this job.
+    with rt.models.using(parsed.model):
+        rt.runner.run(parsed)

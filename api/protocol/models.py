@@ -16,6 +16,9 @@ class ModelCard(BaseModel):
     engine: str = Field(description="Engine(s) serving the model, comma-separated.")
     workers: list[str] = Field(description="Names of the live workers that serve the model.")
     context_length: int | None = None
+    status: Literal["ready", "loading", "unloaded"] = Field(
+        "ready", description="ready: a worker serves it; loading; unloaded: a worker can load it on demand."
+    )
 
 
 class ModelList(BaseModel):

@@ -12,6 +12,7 @@ import redis.asyncio as aredis
 from engines.base import ContextLengthExceeded, GenerationRequest, Output
 from ops.redis_server import RedisServer
 from queueing import events, keys
+from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
 from workers.models import ModelManager
@@ -40,8 +41,8 @@ class ListEngine:
 
 
 def runner_with(client: redis.Redis, engine: ListEngine) -> JobRunner:
-    models = ModelManager.__new__(ModelManager)
-    models._engines = {"m": engine}
+    models = ModelManager(Catalog(models={}))
+    models.adopt("m", engine)
     return JobRunner("w", client, models)
 
 

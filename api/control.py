@@ -1,0 +1,139 @@
+"""The fleet's control plane seen from the API: which fresh workers serve a model, loading a model on
+demand or by request, unloading and pinning (Celery remote-control broadcasts to one worker each)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aredis
+from celery import Celery
+
+from api import errors
+from queueing import keys, registry
+from queueing.registry import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+class FleetControl:
+    def __init__(
+        self,
+        client: aredis.Redis,
+        celery: Celery,
+        fresh_seconds: float,
+        load_timeout: float,
+        poll: float,
+    ) -> None:
+        self._r = client
+        self._celery = celery
+        self.fresh_seconds = fresh_seconds
+        self.load_timeout = load_timeout
+        self._poll = poll
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Workers fresh enough to be given work."""
+        return await registry.fresh_workers(self._r, self.fresh_seconds)
+
+    async def ready(self, model: str) -> list[WorkerInfo]:
+        return [w for w in await self.workers() if model in w.models]
+
+    async def find(self, name: str) -> WorkerInfo:
+        for w in await self.workers():
+            if w.name == name:
+                return w
+        raise errors.worker_not_found(name)
+
+    async def _send(self, worker: WorkerInfo, command: str, **arguments: object) -> None:
+        # kombu's producer is synchronous; a broadcast is one PUBLISH, but off the event loop all the same.
+        await asyncio.to_thread(
+            self._celery.control.broadcast,
+            command,
+            arguments=arguments,
+            destination=[worker.node],
+            reply=False,
+        )
+
+    # -- load / unload / pin ----------------------------------------------------------------------------
+
+    @staticmethod
+    def choose_loader(workers: list[WorkerInfo], model: str) -> WorkerInfo | None:
+        """The capable worker that can best take one more model: fewest models, then least busy."""
+        able = [w for w in workers if model in w.capable and model not in w.model_states]
+        return min(able, key=lambda w: (len(w.model_states), w.in_flight, w.name), default=None)
+
+    async def load(
+        self, model: str, worker: str | None = None, pinned: bool = False, keep_alive: float | None = None
+    ) -> WorkerInfo:
+        workers = await self.workers()
+        if worker is not None:
+            target = await self.find(worker)
+            if model not in target.capable:
+                raise errors.invalid_request(
+                    f"Worker `{worker}` cannot load `{model}` (its engine has no weights for it).",
+                    "model",
+                    "model_not_loadable",
+                )
+        else:
+            found = self.choose_loader(workers, model)
+            if found is None:
+                raise errors.model_load_failed(model, "no live worker can load it")
+            target = found
+        await self._send(target, keys.CONTROL_LOAD, model=model, pinned=pinned, keep_alive=keep_alive)
+        return target
+
+    async def unload(self, model: str, worker: str | None = None) -> list[str]:
+        targets = [await self.find(worker)] if worker else await self.workers()
+        targets = [w for w in targets if model in w.model_states]
+        for w in targets:
+            await self._send(w, keys.CONTROL_UNLOAD, model=model)
+        return [w.name for w in targets]
+
+    async def pin(self, model: str, worker: str | None = None, pinned: bool = True) -> list[str]:
+        targets = [await self.find(worker)] if worker else await self.workers()
+        targets = [w for w in targets if model in w.model_states]
+        for w in targets:
+            await self._send(w, keys.CONTROL_PIN, model=model, pinned=pinned)
+        return [w.name for w in targets]
+
+    async def wait_ready(self, model: str, worker: str | None, limit: float) -> list[WorkerInfo]:
+        """Wait until ``model`` is ready (on ``worker`` if given); raises 503 if its load failed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            workers = await self.workers()
+            ready = [w for w in workers if model in w.models and worker in (None, w.name)]
+            if ready:
+                return ready
+            failed = [
+                w.load_errors[model] for w in workers if model in w.load_errors and worker in (None, w.name)
+            ]
+            loading = [w for w in workers if model in w.model_states]
+            if failed and not loading:
+                raise errors.model_load_failed(model, failed[0])
+            if loop.time() >= deadline:
+                raise errors.model_load_failed(model, f"not ready after {limit:g}s")
+            await asyncio.sleep(self._poll)
+
+    async def ensure_ready(self, model: str) -> list[WorkerInfo] | None:
+        """Workers ready for ``model``, loading it on demand when a capable worker has it not loaded.
+        None when no live worker could ever serve it (the caller waits for one to start, then gives up)."""
+        workers = await self.workers()
+        ready = [w for w in workers if model in w.models]
+        if ready:
+            return ready
+        if not any(model in w.model_states or model in w.capable for w in workers):
+            return None
+        took = False
+        if not any(model in w.model_states for w in workers):
+            # One load per model at a time, whichever API process and request asks first.
+            lock = keys.load_lock_key(model)
+            took = bool(await self._r.set(lock, "1", nx=True, px=int(self.load_timeout * 1000)))
+            if took:
+                target = await self.load(model)
+                logger.info("loading %s on demand on %s", model, target.name)
+        try:
+            return await self.wait_ready(model, None, self.load_timeout)
+        finally:
+            if took:
+                await self._r.delete(keys.load_lock_key(model))

@@ -1,0 +1,165 @@
+"""The routing strategies and failover, on three real worker processes whose scripted engine generates at
+1x, 2x and 4x speed (routing is what is under test here, not the model)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ops.redis_server import RedisServer
+from tests.fleet import Fleet
+
+pytestmark = pytest.mark.e2e
+
+CATALOG = """
+models:
+  scripted:
+    context_length: 4096
+    sources:
+      scripted: {path: %s}
+"""
+
+# name: (tokens per second, weight). Each worker runs two jobs at once.
+WORKERS = {"r1": (20, 1), "r2": (40, 2), "r4": (80, 3)}
+LIMIT = 2
+
+
+def start_fleet(redis_url: str, tmp: Path) -> Fleet:
+    catalog = tmp / "models.yaml"
+    catalog.write_text(CATALOG % catalog)
+    fleet = Fleet(redis_url, tmp, INFERQ_MODELS_FILE=str(catalog))
+    fleet.start_api()
+    for name, (speed, weight) in WORKERS.items():
+        args = ["--engine", "scripted", "--concurrency", str(LIMIT), "--weight", str(weight)]
+        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(speed)}
+        fleet.start_worker(name, "scripted", wait=False, args=args, env=env)
+    for name in WORKERS:
+        fleet.wait_listed(name)
+    return fleet
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    server = RedisServer()
+    f = start_fleet(server.url, tmp_path_factory.mktemp("routing"))
+    try:
+        yield f
+    finally:
+        f.close()
+        server.stop()
+
+
+def ask(fleet: Fleet, routing: str | None, max_tokens: int = 1) -> httpx.Response:
+    headers = {"x-inferq-routing": routing} if routing else {}
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    r = httpx.post(f"{fleet.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def served_by(
+    fleet: Fleet, routing: str | None, n: int, max_tokens: int = 1, parallel: int = 6
+) -> Counter[str]:
+    with ThreadPoolExecutor(parallel) as pool:
+        responses = list(pool.map(lambda _: ask(fleet, routing, max_tokens), range(n)))
+    return Counter(r.headers["x-inferq-worker"] for r in responses)
+
+
+def test_workers_endpoint_shows_the_registry(fleet: Fleet) -> None:
+    body = httpx.get(f"{fleet.base_url}/v1/system/workers").json()
+    by_name = {w["name"]: w for w in body["data"]}
+    assert set(by_name) == set(WORKERS)
+    for name, (_, weight) in WORKERS.items():
+        w = by_name[name]
+        assert w["engine"] == "scripted"
+        assert w["platform"] and w["host"]
+        assert w["models"] == ["scripted"]
+        assert w["model_states"]["scripted"]["state"] == "ready"
+        assert (w["concurrency"], w["weight"], w["fresh"]) == (LIMIT, weight, True)
+
+
+def test_round_robin_spreads_evenly(fleet: Fleet) -> None:
+    counts = served_by(fleet, "round_robin", 30, parallel=1)
+    assert set(counts) == set(WORKERS)
+    assert all(9 <= c <= 11 for c in counts.values()), counts
+
+
+def test_weighted_follows_the_weights(fleet: Fleet) -> None:
+    counts = served_by(fleet, "weighted", 300)
+    total = sum(w for _, w in WORKERS.values())
+    for name, (_, weight) in WORKERS.items():
+        expected = 300 * weight / total
+        assert abs(counts[name] - expected) <= 0.1 * expected, counts
+
+
+def test_least_connections_fills_free_slots_first(fleet: Fleet) -> None:
+    # Six long requests at once into six slots: a worker at its limit never gets one while another has
+    # room, so each worker gets exactly two.
+    counts = served_by(fleet, "least_connections", 3 * LIMIT, max_tokens=100, parallel=3 * LIMIT)
+    assert sorted(counts.values()) == [LIMIT] * 3, counts
+
+
+def test_least_connections_overflow_waits_on_the_shared_queue(fleet: Fleet) -> None:
+    counts = served_by(fleet, "least_connections", 4 * LIMIT, max_tokens=40, parallel=4 * LIMIT)
+    assert sum(counts.values()) == 4 * LIMIT
+    assert set(counts) == set(WORKERS)
+
+
+def test_fastest_response_prefers_the_fast_worker(fleet: Fleet) -> None:
+    counts = served_by(fleet, "fastest_response", 40, max_tokens=4, parallel=1)
+    assert counts["r4"] >= 2 * counts["r1"], counts
+
+
+def test_random_reaches_every_worker(fleet: Fleet) -> None:
+    counts = served_by(fleet, "random", 30)
+    assert set(counts) == set(WORKERS), counts
+
+
+def test_queue_mode_keeps_every_worker_busy(fleet: Fleet) -> None:
+    counts = served_by(fleet, None, 12, max_tokens=20, parallel=12)
+    assert set(counts) == set(WORKERS), counts
+
+
+def test_unknown_routing_header_is_400(fleet: Fleet) -> None:
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(
+        f"{fleet.base_url}/v1/chat/completions",
+        json=body,
+        headers={"x-inferq-routing": "fastest"},
+        timeout=10,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "x-inferq-routing"
+
+
+def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) -> None:
+    server = RedisServer()
+    fleet = start_fleet(server.url, tmp_path)
+    try:
+        # Round-robin puts two of six long jobs on r1 (one running, one waiting in its own queue).
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(ask, fleet, "round_robin", 60) for _ in range(6)]
+            time.sleep(1.0)
+            fleet.kill_worker("r1", signal.SIGKILL)
+            killed_at = time.monotonic()
+            gone = None
+            while gone is None and time.monotonic() - killed_at < 5:
+                names = [w["name"] for w in httpx.get(f"{fleet.base_url}/v1/system/workers").json()["data"]]
+                gone = time.monotonic() - killed_at if "r1" not in names else None
+                time.sleep(0.05)
+            responses = [f.result(timeout=60) for f in futures]
+        # Two heartbeat intervals (0.5 s each in test fleets), plus the time one poll takes.
+        assert gone is not None and gone <= 1.0 + 0.3, gone
+        assert all(r.headers["x-inferq-worker"] != "r1" for r in responses)
+        after = served_by(fleet, "round_robin", 10, parallel=1)
+        assert "r1" not in after and sum(after.values()) == 10
+    finally:
+        fleet.close()
+        server.stop()
