@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -15,6 +15,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
+    # A chat (rendered with the model's chat template) unless ``prompt`` is set: then the raw text.
     messages: list[dict[str, str]]
     max_tokens: int
     temperature: float = 1.0
@@ -26,6 +27,19 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    prompt: str | None = None
+    # Constrain the output to JSON valid for this schema; ``{}`` means any JSON object. An engine without
+    # constrained decoding must refuse the request rather than ignore this.
+    json_schema: dict[str, Any] | None = None
+    # Report the log-probability of each generated token and of this many alternatives; None: none.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -37,10 +51,26 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    # The tokens produced in this step, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class EngineError(Exception):
     """A generation failed inside the engine."""
+
+
+class UnsupportedRequest(EngineError):
+    """The engine cannot honour a field of the request (answered as a 400, never silently ignored)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthExceeded(EngineError):
@@ -66,3 +96,12 @@ class Engine(Protocol):
     def health(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An engine that can also embed text: an optional capability, checked with ``isinstance``."""
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        """One vector per input (normalised); raises ContextLengthExceeded for an input that does not fit."""
+        ...

@@ -11,9 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from engines.base import ContextLengthExceeded, EngineError, FinishReason, GenerationRequest, Output
+from engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    Output,
+    TokenLogprob,
+    UnsupportedRequest,
+)
+from engines.grammar import grammar_for
 from engines.stops import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -25,13 +36,16 @@ class LlamaCppEngine:
     def __init__(self, model_path: Path, n_ctx: int, n_threads: int | None = None) -> None:
         if not Path(model_path).is_file():
             raise EngineError(f"GGUF file not found: {model_path}")
+        self._model_path = model_path
+        self._n_threads = n_threads or os.cpu_count()
         self._llm = llama_cpp.Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_threads=n_threads or os.cpu_count(),
-            verbose=False,
+            model_path=str(model_path), n_ctx=n_ctx, n_threads=self._n_threads, verbose=False
         )
         self._n_ctx = self._llm.n_ctx()
+        # llama.cpp embeds only with a context created for it; made on the first embedding job, so a worker
+        # that never embeds never pays its memory.
+        self._embedder: llama_cpp.Llama | None = None
+        self._embed_lock = threading.Lock()
         self._formatter = self._chat_formatter()
         # One Llama object is not thread-safe; generations on it are serialised.
         self._lock = threading.Lock()
@@ -51,6 +65,9 @@ class LlamaCppEngine:
         )
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.prompt is not None:
+            raw: list[int] = self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+            return raw
         if self._formatter is None:
             # No chat template (a base model): the messages are joined as plain text.
             prompt, added_special = "\n".join(m["content"] for m in request.messages), False
@@ -71,12 +88,15 @@ class LlamaCppEngine:
     def _generate_locked(self, request: GenerationRequest) -> Iterator[Output]:
         llm = self._llm
         prompt = self._prompt_tokens(request)
+        if not prompt:
+            raise UnsupportedRequest("The prompt is empty.", "prompt")
         if len(prompt) >= self._n_ctx:
             raise ContextLengthExceeded(len(prompt), self._n_ctx)
         max_tokens = min(request.max_tokens, self._n_ctx - len(prompt))
         yield Output(prompt_tokens=len(prompt))
 
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        grammar = grammar_for(request.json_schema) if request.json_schema is not None else None
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(request.stop)
@@ -91,6 +111,7 @@ class LlamaCppEngine:
             repeat_penalty=1.0,
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
+            grammar=grammar,
         ):
             produced += 1
             if request.request_id in self._aborted:
@@ -99,11 +120,15 @@ class LlamaCppEngine:
             if llama_cpp.llama_vocab_is_eog(vocab, token) and not request.ignore_eos:
                 finish = "stop"
                 break
-            text = stops.push(decoder.decode(llm.detokenize([token])))
+            piece = llm.detokenize([token])
+            logprobs = None if request.logprobs is None else [self._logprob(token, piece, request.logprobs)]
+            text = stops.push(decoder.decode(piece))
             if stops.stopped:
                 finish = "stop"
-            if text or stops.stopped:
-                yield Output(text=text, prompt_tokens=len(prompt), completion_tokens=produced)
+            if text or stops.stopped or logprobs:
+                yield Output(
+                    text=text, prompt_tokens=len(prompt), completion_tokens=produced, logprobs=logprobs
+                )
             if stops.stopped:
                 break
             if produced >= max_tokens:
@@ -116,6 +141,66 @@ class LlamaCppEngine:
             finish_reason=finish,
         )
 
+    def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
+        """Log-probabilities from the logits the token was sampled from (still in the context: the next
+        evaluation happens only when the generator resumes)."""
+        n_vocab = self._llm.n_vocab()
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logprobs[best])]
+        return TokenLogprob(
+            token=piece.decode(errors="replace"),
+            logprob=float(logprobs[token]),
+            top=[(self._llm.detokenize([int(t)]).decode(errors="replace"), float(logprobs[t])) for t in best],
+        )
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        with self._embed_lock:
+            llm = self._embedding_model()
+            n_vocab = llm.n_vocab()
+            batches: list[list[int]] = []
+            for item in inputs:
+                tokens = item if isinstance(item, list) else llm.tokenize(item.encode(), add_bos=True)
+                if not tokens:
+                    raise UnsupportedRequest("An input to embed is empty.", "input")
+                if any(not 0 <= t < n_vocab for t in tokens):
+                    raise UnsupportedRequest(f"Token ids must lie in [0, {n_vocab}).", "input")
+                if len(tokens) > self._n_ctx:
+                    raise ContextLengthExceeded(len(tokens), self._n_ctx)
+                batches.append(tokens)
+            vectors = [self._embed_one(llm, tokens) for tokens in batches]
+        return Embeddings(vectors=vectors, prompt_tokens=sum(map(len, batches)))
+
+    def _embed_one(self, llm: llama_cpp.Llama, tokens: list[int]) -> list[float]:
+        # One sequence per decode, from token ids: llama-cpp-python's embed() takes text only, and a
+        # pooled sequence of zero tokens there reads a NULL pointer.
+        llm._batch.reset()  # type: ignore[no-untyped-call]
+        llm._batch.add_sequence(tokens, 0, True)
+        llm._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
+        llm._ctx.decode(llm._batch)
+        ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
+        vector = np.ctypeslib.as_array(ptr, shape=(llm.n_embd(),)).astype(np.float64)
+        norm = float(np.linalg.norm(vector))
+        return [float(x) for x in (vector / norm if norm > 0 else vector)]
+
+    def _embedding_model(self) -> llama_cpp.Llama:
+        if self._embedder is None:
+            # Mean pooling: a causal model has no [CLS] token, and its GGUF declares no pooling of its own.
+            self._embedder = llama_cpp.Llama(
+                model_path=str(self._model_path),
+                embedding=True,
+                n_ctx=self._n_ctx,
+                n_batch=self._n_ctx,
+                n_ubatch=self._n_ctx,
+                n_threads=self._n_threads,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                verbose=False,
+            )
+        return self._embedder
+
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
 
@@ -124,3 +209,5 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self._llm.close()
+        if self._embedder is not None:
+            self._embedder.close()

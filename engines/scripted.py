@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from engines.base import ContextLengthExceeded, GenerationRequest, Output
+from engines.base import ContextLengthExceeded, GenerationRequest, Output, TokenLogprob, UnsupportedRequest
 
 WORDS = ("the quick brown fox jumps over the lazy dog by the sea " * 2).split()
 
@@ -25,7 +25,12 @@ class ScriptedEngine:
         self._lock = threading.Lock()
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
-        prompt = sum(len(m["content"].split()) + 4 for m in request.messages)
+        if request.json_schema is not None:
+            raise UnsupportedRequest("The scripted engine cannot constrain its output.", "response_format")
+        if request.prompt is not None:
+            prompt = len(request.prompt.split()) + 1
+        else:
+            prompt = sum(len(m["content"].split()) + 4 for m in request.messages)
         if prompt >= self._n_ctx:
             raise ContextLengthExceeded(prompt, self._n_ctx)
         yield Output(prompt_tokens=prompt)
@@ -39,9 +44,10 @@ class ScriptedEngine:
                 finish = "cancelled"
                 break
             produced += 1
-            yield Output(
-                text=" " + WORDS[produced % len(WORDS)], prompt_tokens=prompt, completion_tokens=produced
-            )
+            word = " " + WORDS[produced % len(WORDS)]
+            # The script is certain of every word: probability 1.
+            logprobs = None if request.logprobs is None else [TokenLogprob(word, 0.0)]
+            yield Output(text=word, prompt_tokens=prompt, completion_tokens=produced, logprobs=logprobs)
         yield Output(prompt_tokens=prompt, completion_tokens=produced, finish_reason=finish)  # type: ignore[arg-type]
 
     def abort(self, request_id: str) -> None:

@@ -14,10 +14,23 @@ class Started(BaseModel):
     prompt_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Delta(BaseModel):
     type: Literal["delta"] = "delta"
     attempt: int
     text: str
+    # Present only when the job asked for logprobs: the tokens behind this text.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Finished(BaseModel):
@@ -28,6 +41,9 @@ class Finished(BaseModel):
     completion_tokens: int
     # The whole completion, for non-streamed jobs (they publish no deltas).
     text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # Embedding jobs: one vector per input.
+    embeddings: list[list[float]] | None = None
 
 
 class Failed(BaseModel):

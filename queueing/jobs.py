@@ -1,10 +1,10 @@
-"""What the API puts on a queue: one generation job, engine-neutral."""
+"""What the API puts on a queue: one job, engine-neutral. ``kind`` says what the worker does with it."""
 
 from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -23,9 +23,9 @@ class ChatMessage(BaseModel):
 
 
 class Sampling(BaseModel):
-    max_tokens: int
-    temperature: float
-    top_p: float
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     stop: list[str] = []
@@ -33,14 +33,27 @@ class Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    # Output constrained to JSON valid for this schema ({} = any JSON object); engines map it to their own
+    # mechanism (a GBNF grammar on llama.cpp).
+    json_schema: dict[str, Any] | None = None
+    # Number of most likely alternatives to report per generated token; None = no logprobs at all.
+    logprobs: int | None = None
+
+
+JobKind = Literal["chat", "completion", "embedding"]
 
 
 class Job(BaseModel):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    kind: Literal["chat"] = "chat"
+    kind: JobKind = "chat"
     model: str
-    messages: list[ChatMessage]
-    sampling: Sampling
+    # chat: the conversation, already rendered to plain role/content pairs (tools included) by the API.
+    messages: list[ChatMessage] = []
+    # completion: the raw prompt, no chat template.
+    prompt: str | None = None
+    # embedding: the inputs, as text or as token ids.
+    inputs: list[str] | list[list[int]] = []
+    sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = False
     # Bumped each time the job is re-queued after its worker died; a delivery whose attempt is not the
     # job's current one is stale and is dropped, which deduplicates broker redeliveries.

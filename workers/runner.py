@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 import redis
 
-from engines.base import ContextLengthExceeded, GenerationRequest, Output
+from engines.base import (
+    ContextLengthExceeded,
+    Embedder,
+    Engine,
+    GenerationRequest,
+    Output,
+    TokenLogprob,
+    UnsupportedRequest,
+)
 from queueing import events, keys
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
@@ -33,7 +42,21 @@ def to_generation_request(job: Job) -> GenerationRequest:
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         ignore_eos=s.ignore_eos,
+        prompt=job.prompt if job.kind == "completion" else None,
+        json_schema=s.json_schema,
+        logprobs=s.logprobs,
     )
+
+
+def _wire_logprobs(items: list[TokenLogprob]) -> list[events.TokenLogprob]:
+    return [
+        events.TokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            top=[events.TopLogprob(token=tok, logprob=lp) for tok, lp in t.top],
+        )
+        for t in items
+    ]
 
 
 class JobRunner:
@@ -61,12 +84,16 @@ class JobRunner:
         self.stats.job_started()
         ok = False
         try:
-            self._generate(job, channel)
+            if job.kind == "embedding":
+                self._embed(job, channel)
+            else:
+                self._generate(job, channel)
             ok = True
         except ContextLengthExceeded as exc:
-            self._fail(
-                job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", "messages"
-            )
+            param = {"chat": "messages", "completion": "prompt", "embedding": "input"}[job.kind]
+            self._fail(job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", param)
+        except UnsupportedRequest as exc:
+            self._fail(job, channel, 400, str(exc), "invalid_request_error", "unsupported_value", exc.param)
         except ModelNotLoaded as exc:
             self._fail(job, channel, 503, str(exc), "service_unavailable_error", "model_not_loaded", "model")
         except Exception as exc:
@@ -88,16 +115,22 @@ class JobRunner:
             events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens),
         )
         parts: list[str] = []
+        logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
         last = first
         for out in self._watch_cancel(job, engine.abort, outputs):
             last = out
+            step_logprobs = _wire_logprobs(out.logprobs) if out.logprobs else None
             if out.text:
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.stats.first_token(first_token_at - started)
                 parts.append(out.text)
-                if job.stream:
-                    self._publish(channel, events.Delta(attempt=job.attempt, text=out.text))
+            if logprobs is not None and step_logprobs:
+                logprobs.extend(step_logprobs)
+            if job.stream and (out.text or step_logprobs):
+                self._publish(
+                    channel, events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs)
+                )
         reason = last.finish_reason or "stop"
         text = "".join(parts)
         decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
@@ -119,6 +152,39 @@ class JobRunner:
                 prompt_tokens=first.prompt_tokens,
                 completion_tokens=last.completion_tokens,
                 text=None if job.stream else text,
+                logprobs=None if job.stream else logprobs,
+            ),
+        )
+
+    def _embed(self, job: Job, channel: str) -> None:
+        engine: Engine = self._models.get(job.model)
+        if not isinstance(engine, Embedder):
+            raise UnsupportedRequest(f"The {engine.name} engine of `{job.model}` cannot embed.", "model")
+        result = engine.embed(job.inputs)
+        # No tokens are generated: nothing to add to the speed averages that routing reads.
+        self.stats.job_finished(ok=True)
+        self._publish(
+            channel,
+            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=result.prompt_tokens),
+        )
+        # In the record too: the API rebuilds a lost Finished event from it (pub/sub is at-most-once).
+        self._store.finish(
+            job,
+            self.worker,
+            JobState.DONE,
+            embeddings=json.dumps(result.vectors),
+            finish_reason="stop",
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=0,
+        )
+        self._publish(
+            channel,
+            events.Finished(
+                attempt=job.attempt,
+                finish_reason="stop",
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=0,
+                embeddings=result.vectors,
             ),
         )
 

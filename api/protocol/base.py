@@ -24,3 +24,23 @@ class OpenAIBaseModel(BaseModel):
                     _seen_unknown.add((cls.__name__, name))
                     logger.info("%s: ignoring unknown field %r", cls.__name__, name)
         return data
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+def check_stops(value: str | list[str] | None) -> list[str]:
+    """``stop`` as chat and completions accept it: one string or up to 4, none empty."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop sequences are allowed")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    return stops

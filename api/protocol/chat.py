@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_serializer, field_validator
 
-from api.protocol.base import OpenAIBaseModel
+from api.protocol.base import OpenAIBaseModel, StreamOptions, Usage, check_stops
+from api.protocol.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolCallParam, ToolChoice
+from queueing import events
 from queueing.catalog import ModelSpec
-from queueing.jobs import ChatMessage, Job, Sampling
+from queueing.jobs import Sampling
+
+__all__ = ["StreamOptions", "Usage"]
 
 
 class TextPart(OpenAIBaseModel):
@@ -21,6 +25,8 @@ class ChatMessageParam(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = Field(None, description="Calls an earlier assistant turn made.")
+    tool_call_id: str | None = Field(None, description="On a `tool` message: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -30,23 +36,27 @@ class ChatMessageParam(OpenAIBaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
-
-
 class ChatCompletionRequest(OpenAIBaseModel):
     messages: list[ChatMessageParam] = Field(min_length=1, description="The conversation so far.")
     model: str = Field(description="A model id from GET /v1/models.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=16, description="Choices to generate (one job each, seeds seed+i).")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; at most one call is made.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = Field(
+        None, description="`json_object` or `json_schema`: output constrained to valid JSON."
+    )
     seed: int | None = Field(None, description="Same seed, same parameters: the same output.")
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
+    tool_choice: ToolChoice | None = Field(None, description="`auto` (default with tools), `none`, ...")
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; needs logprobs.")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     user: str | None = None
 
@@ -55,58 +65,71 @@ class ChatCompletionRequest(OpenAIBaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
+    _stops = field_validator("stop")(check_stops)
 
-    def to_job(self, spec: ModelSpec) -> Job:
+    def to_sampling(self, spec: ModelSpec, json_schema: dict[str, Any] | None) -> Sampling:
         d = spec.defaults
-        return Job(
-            model=self.model,
-            messages=[ChatMessage(role=m.role, content=m.text()) for m in self.messages],
-            sampling=Sampling(
-                max_tokens=self.max_completion_tokens
-                or self.max_tokens
-                or d.max_tokens
-                or spec.context_length,
-                temperature=d.temperature if self.temperature is None else self.temperature,
-                top_p=d.top_p if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0,
-                min_p=self.min_p or 0.0,
-                stop=self.stop if isinstance(self.stop, list) else [],
-                seed=self.seed,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                ignore_eos=self.ignore_eos,
-            ),
-            stream=self.stream,
+        return Sampling(
+            max_tokens=self.max_completion_tokens or self.max_tokens or d.max_tokens or spec.context_length,
+            temperature=d.temperature if self.temperature is None else self.temperature,
+            top_p=d.top_p if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            stop=self.stop if isinstance(self.stop, list) else [],
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
+            json_schema=json_schema,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, items: list[events.TokenLogprob]) -> ChoiceLogprobs:
+        return cls(
+            content=[
+                TokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[
+                        TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.token.encode()))
+                        for a in t.top
+                    ],
+                )
+                for t in items
+            ]
+        )
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -123,16 +146,17 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
     @field_serializer("delta")
-    def _delta(self, delta: Delta) -> dict[str, str]:
+    def _delta(self, delta: Delta) -> dict[str, Any]:
         # OpenAI leaves unset delta fields out (the last chunk's delta is `{}`).
         return delta.model_dump(exclude_none=True)
 

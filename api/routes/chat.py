@@ -5,42 +5,60 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from api import errors
+from api import errors, fanout, structured
+from api.chat_stream import ChoiceStream, finish_reason
 from api.deps import CatalogDep, DispatcherDep
-from api.jobs import JobRun
+from api.jobs import Dispatcher, JobRun
 from api.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    FinishReason,
     Usage,
 )
 from queueing import events
+from queueing.jobs import Job
 
 router = APIRouter()
 WORKER_HEADER = "x-inferq-worker"
 
 
-def _usage(finished: events.Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+def usage(finished: Sequence[events.Finished], prompts: int = 1) -> Usage:
+    """Usage of fanned-out jobs: each prompt counts once however many choices it has (as OpenAI counts n)."""
+    per_prompt = len(finished) // prompts
+    prompt = sum(f.prompt_tokens for f in finished[::per_prompt])
+    completion = sum(f.completion_tokens for f in finished)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
+    # run.worker, not the first Started: a re-queued job finishes on another worker.
+    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
+
+
+def _choice(index: int, plan: structured.Plan, finished: events.Finished) -> Choice:
+    text = finished.text or ""
+    call = structured.tool_call(plan, text)
+    logprobs = ChoiceLogprobs.of(finished.logprobs) if finished.logprobs is not None else None
+    message = AssistantMessage(content=None, tool_calls=[call]) if call else AssistantMessage(content=text)
+    return Choice(
+        index=index,
+        message=message,
+        logprobs=logprobs,
+        finish_reason=finish_reason(finished, call is not None),
     )
-
-
-def _finish_reason(finished: events.Finished) -> str:
-    return "length" if finished.finish_reason == "length" else "stop"
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
@@ -50,45 +68,48 @@ async def create_chat_completion(
     spec = catalog.get(body.model)
     if spec is None:
         raise errors.model_not_found(body.model)
-    if body.n != 1:
-        raise errors.invalid_request("Only n=1 is supported.", "n", "unsupported_value")
-    job = body.to_job(spec)
+    plan = structured.plan(body)
+    sampling = body.to_sampling(spec, plan.json_schema)
+    jobs = [
+        Job(
+            model=body.model,
+            messages=plan.messages,
+            # Choice i of a seeded request is seeded seed+i: repeatable, yet the choices differ.
+            sampling=sampling.model_copy(update={"seed": None if body.seed is None else body.seed + i}),
+            stream=body.stream,
+        )
+        for i in range(body.n)
+    ]
     if body.stream:
-        return await _stream(body, dispatcher.run(job, request.is_disconnected))
-    finished: events.Finished | None = None
-    async with dispatcher.run(job, request.is_disconnected) as run:
-        await run.start()
-        async for event in run.rest():  # a non-streamed job publishes no deltas, only its end
-            if isinstance(event, events.Finished):
-                finished = event
-    assert finished is not None  # rest() ends with Finished or raises
+        return await _stream(body, plan, dispatcher, jobs, request)
+    async with contextlib.AsyncExitStack() as stack:
+        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
+        finished = await fanout.finish_all(runs)
     completion = ChatCompletion(
-        id=job.id,
+        id=jobs[0].id,
         model=body.model,
-        choices=[
-            Choice(
-                message=AssistantMessage(content=finished.text or ""), finish_reason=_finish_reason(finished)
-            )
-        ],
-        usage=_usage(finished),
+        choices=[_choice(i, plan, f) for i, f in enumerate(finished)],
+        usage=usage(finished),
     )
-    # run.worker, not the first Started: a re-queued job finishes on another worker.
-    return JSONResponse(completion.model_dump(mode="json"), headers={WORKER_HEADER: run.worker or ""})
+    return JSONResponse(completion.model_dump(mode="json"), headers=workers_header(runs))
 
 
 async def _stream(
-    body: ChatCompletionRequest, run_cm: contextlib.AbstractAsyncContextManager[JobRun]
+    body: ChatCompletionRequest,
+    plan: structured.Plan,
+    dispatcher: Dispatcher,
+    jobs: list[Job],
+    request: Request,
 ) -> EventSourceResponse:
     stack = contextlib.AsyncExitStack()
     try:
-        run = await stack.enter_async_context(run_cm)
-        started = await run.start()
+        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
     except BaseException:
         await stack.aclose()
         raise
     return EventSourceResponse(
-        _chunks(body, run, stack),
-        headers={WORKER_HEADER: started.worker},
+        _chunks(body, plan, runs, stack),
+        headers=workers_header(runs),
         ping=15,
         # Runs after a normal end and after a client disconnect, also when the body never started.
         background=BackgroundTask(stack.aclose),
@@ -96,33 +117,38 @@ async def _stream(
 
 
 async def _chunks(
-    body: ChatCompletionRequest, run: JobRun, stack: contextlib.AsyncExitStack
+    body: ChatCompletionRequest, plan: structured.Plan, runs: list[JobRun], stack: contextlib.AsyncExitStack
 ) -> AsyncIterator[dict[str, str]]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     exclude = None if include_usage else {"usage"}
     created = int(time.time())
+    choices = [ChoiceStream(plan) for _ in runs]
+    finished: list[events.Finished | None] = [None] * len(runs)
 
-    def chunk(delta: Delta, finish: str | None = None) -> dict[str, str]:
-        c = ChatCompletionChunk(
-            id=run.job.id,
-            created=created,
-            model=body.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
-        )
+    def chunk(
+        index: int, delta: Delta, logprobs: ChoiceLogprobs | None = None, finish: FinishReason | None = None
+    ) -> dict[str, str]:
+        choice = ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        c = ChatCompletionChunk(id=runs[0].job.id, created=created, model=body.model, choices=[choice])
         return {"data": c.model_dump_json(exclude=exclude)}
 
     try:
-        yield chunk(Delta(role="assistant", content=""))
-        async for event in run.rest():
+        for i in range(len(runs)):
+            yield chunk(i, Delta(role="assistant", content=""))
+        async for i, event in fanout.merged(runs):
             if isinstance(event, events.Delta):
-                yield chunk(Delta(content=event.text))
+                pieces = choices[i].delta(event)
             else:
-                yield chunk(Delta(), _finish_reason(event))
-                if include_usage:
-                    last = ChatCompletionChunk(
-                        id=run.job.id, created=created, model=body.model, choices=[], usage=_usage(event)
-                    )
-                    yield {"data": last.model_dump_json()}
+                finished[i] = event
+                pieces = choices[i].finished(event)
+            for p in pieces:
+                yield chunk(i, p.delta, p.logprobs, p.finish_reason)
+        if include_usage:
+            done = [f for f in finished if f is not None]
+            last = ChatCompletionChunk(
+                id=runs[0].job.id, created=created, model=body.model, choices=[], usage=usage(done)
+            )
+            yield {"data": last.model_dump_json()}
     except errors.OpenAIError as exc:
         # Headers are gone: once a stream started, an error is an event in it.
         yield {"data": json.dumps(exc.body())}

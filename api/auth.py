@@ -1,0 +1,122 @@
+"""API keys: an ASGI middleware in front of every route, so routes added later are covered without knowing it.
+
+``INFERQ_API_KEYS`` (a comma list, or a file with one key per line) makes every route but health and metrics
+need ``Authorization: Bearer <key>``; ``INFERQ_ADMIN_KEY`` alone may make management writes (every non-GET
+route under ``/v1/system/``) and also works as a normal key. Keys are compared in constant time and never
+logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import OpenAIError
+from queueing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Probes and scrapers carry no key.
+OPEN_PATHS = frozenset({"/v1/system/health", "/metrics"})
+MANAGEMENT_PREFIX = "/v1/system"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _parse_keys(value: str) -> list[str]:
+    path = Path(value.strip()).expanduser()
+    if "," not in value and path.is_file():
+        lines = path.read_text().splitlines()
+        return [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def _any_equal(candidates: list[bytes], presented: bytes) -> bool:
+    # Every candidate is compared, so the time taken does not tell which one (or how many) matched.
+    found = False
+    for key in candidates:
+        found |= hmac.compare_digest(key, presented)
+    return found
+
+
+@dataclass(frozen=True)
+class Keys:
+    keys: list[bytes]
+    admin: bytes | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys | None:
+        keys = _parse_keys(settings.api_keys) if settings.api_keys else []
+        admin = settings.admin_key.strip() if settings.admin_key else ""
+        if settings.api_keys and not keys:
+            raise ValueError("INFERQ_API_KEYS is set but holds no key")
+        if not keys and not admin:
+            return None
+        logger.info("API keys required: %d key(s), admin key %s", len(keys), "set" if admin else "unset")
+        return cls([k.encode() for k in keys], admin.encode() if admin else None)
+
+    def check(self, method: str, path: str, presented: bytes | None) -> OpenAIError | None:
+        """The error to answer with, or None when the request may pass."""
+        if path in OPEN_PATHS:
+            return None
+        management = path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")
+        if management and method not in READ_METHODS and self.admin is not None:
+            if presented is not None and hmac.compare_digest(self.admin, presented):
+                return None
+            if presented is not None and _any_equal(self.keys, presented):
+                return forbidden()
+            return unauthorized(presented is not None)
+        if not self.keys:
+            return None  # only an admin key is configured: everything else stays open
+        candidates = self.keys + ([self.admin] if self.admin is not None else [])
+        if presented is not None and _any_equal(candidates, presented):
+            return None
+        return unauthorized(presented is not None)
+
+
+def unauthorized(had_key: bool) -> OpenAIError:
+    message = (
+        "Incorrect API key provided."
+        if had_key
+        else "Missing API key: send it as `Authorization: Bearer <key>`."
+    )
+    return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key")
+
+
+def forbidden() -> OpenAIError:
+    return OpenAIError(
+        403,
+        "This management route needs the admin key.",
+        "permission_error",
+        None,
+        "insufficient_permissions",
+    )
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() or None if scheme.lower() == b"bearer" else None
+    return None
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: Keys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self.keys.check(scope["method"], scope["path"], _bearer(scope))
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+        await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)

@@ -1,0 +1,64 @@
+"""Several jobs for one request (``n`` > 1, a list of prompts): each its own queued job, so the fleet runs
+them in parallel on as many workers as are free, merged back into one response."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from api.jobs import Disconnected, Dispatcher, JobRun
+from queueing import events
+from queueing.jobs import Job
+
+
+async def start_all(
+    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected, stack: contextlib.AsyncExitStack
+) -> list[JobRun]:
+    """Enqueue every job and wait until each was accepted; the runs close with ``stack``."""
+    runs = [await stack.enter_async_context(dispatcher.run(job, disconnected)) for job in jobs]
+    await asyncio.gather(*(run.start() for run in runs))
+    return runs
+
+
+async def finish_all(runs: Sequence[JobRun]) -> list[events.Finished]:
+    """The end of every non-streamed run, in order (a non-streamed job publishes no deltas)."""
+
+    async def last(run: JobRun) -> events.Finished:
+        async for event in run.rest():
+            if isinstance(event, events.Finished):
+                return event
+        raise AssertionError("rest() ends with Finished or raises")
+
+    return list(await asyncio.gather(*(last(run) for run in runs)))
+
+
+async def merged(runs: Sequence[JobRun]) -> AsyncIterator[tuple[int, events.Delta | events.Finished]]:
+    """The events of all streamed runs as they come, tagged with the run's index; the first error raises."""
+    if len(runs) == 1:
+        async for event in runs[0].rest():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, events.Delta | events.Finished | Exception]] = asyncio.Queue()
+
+    async def pump(i: int, run: JobRun) -> None:
+        try:
+            async for event in run.rest():
+                await queue.put((i, event))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield i, item
+            if isinstance(item, events.Finished):
+                left -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,48 @@
+"""JSON schemas as llama.cpp grammars (GBNF), for output that must parse and validate.
+
+Converting a schema costs milliseconds and the same schema comes back with every request of a client's tool
+loop, so grammars are cached by the schema's JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+from engines.base import UnsupportedRequest
+
+
+@lru_cache(maxsize=256)
+def _gbnf(schema_json: str) -> str:
+    try:
+        gbnf: str = json_schema_to_gbnf(schema_json)
+    except (AssertionError, KeyError, ValueError, TypeError, NotImplementedError) as exc:
+        # The converter signals a schema it cannot express with assertions and lookups.
+        raise UnsupportedRequest(
+            f"The JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}", "response_format"
+        ) from exc
+    return gbnf
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties closed to others. Documents valid for the closed
+    schema are valid for the original; a small model let loose on optional extra keys may never stop adding
+    them and run out of tokens mid-document."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def grammar_for(schema: dict[str, Any]) -> LlamaGrammar:
+    """A grammar accepting exactly the JSON documents valid for ``schema`` (``{}``: any JSON object)."""
+    # Key order is kept: the grammar writes properties in the order the schema lists them.
+    gbnf = _gbnf(json.dumps(_closed(schema)))
+    return LlamaGrammar.from_string(gbnf, verbose=False)
