@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,15 @@ class ModelSource(BaseModel):
         folder = Path(next(iter(spec.submodule_search_locations)))
         return folder / self.file if self.file else folder
 
+    def available(self) -> bool:
+        """Whether ``resolve()`` would find the weights, without assembling or preparing anything."""
+        if self.assemble and self.package is not None:
+            return importlib.util.find_spec(self.package) is not None
+        try:
+            return self.resolve().exists()
+        except FileNotFoundError:
+            return False
+
     def _assembled(self) -> Path:
         assert self.package is not None and self.file is not None, "assemble needs `package` and `file`"
         target = self.prepared_dir() / self.file
@@ -77,7 +87,8 @@ class ModelSource(BaseModel):
             if importlib.util.find_spec(self.package) is None:
                 raise FileNotFoundError(f"package {self.package!r} is not installed")
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
+            # Per process: two workers starting at once would otherwise write one file together.
+            partial = target.with_suffix(f".{os.getpid()}.partial")
             importlib.import_module(self.package).assemble(partial, overwrite=True)
             partial.rename(target)  # never leave a half-written file where a worker would load it
         return target

@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(
         None, description="Registry name of the worker; default: Celery's nodename."
     )
-    worker_concurrency: int = Field(1, description="Jobs a worker runs at once.")
+    worker_concurrency: int | None = Field(
+        None,
+        description="Jobs a worker runs at once; default: the most its models' catalog sources ask.",
+    )
     worker_weight: float = Field(1.0, gt=0, description="Share of `weighted` routing this worker gets.")
     worker_pin: str | None = Field(
         None, description="Comma-separated models never evicted; default: the models loaded at start."

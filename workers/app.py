@@ -22,7 +22,7 @@ app = create_celery(get_settings(), get_catalog())
 # Threads, not prefork: the model is loaded once in this process, and llama.cpp releases the GIL while it
 # computes; forking a process that holds a loaded model is not safe.
 app.conf.worker_pool = "threads"
-app.conf.worker_concurrency = get_settings().worker_concurrency
+app.conf.worker_concurrency = runtime.concurrency(get_settings(), get_catalog())
 
 
 @celeryd_after_setup.connect

@@ -97,13 +97,24 @@ class ModelManager:
             raise CannotLoad(f"model {model!r} for {name}: {path} does not exist")
         return spec, name, path
 
+    def concurrency_for(self, models: list[str]) -> int:
+        """Jobs to run at once for these models: the most any of their sources asks (vLLM batches many
+        requests; llama.cpp serves one at a time)."""
+        wanted = [1]
+        for model in models:
+            spec = self._catalog.get(model)
+            if spec is not None:
+                with contextlib.suppress(CannotLoad):
+                    wanted.append(spec.sources[self.engine_for(spec)].max_concurrency)
+        return max(wanted)
+
     def capable(self) -> list[str]:
         """Catalog models this worker could load (its engine has a source whose weights are here)."""
         found = []
-        for model in self._catalog.models:
+        for model, spec in self._catalog.models.items():
             with contextlib.suppress(CannotLoad):
-                self._locate(model)
-                found.append(model)
+                if spec.sources[self.engine_for(spec)].available():
+                    found.append(model)
         return found
 
     # -- load, unload, pin ------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class WorkerRuntime:
     models: ModelManager
     runner: JobRunner
     stats: WorkerStats
+    concurrency: int = 1
     heartbeat: Heartbeat | None = None
     # Celery's consumer, once the worker consumes; queue changes are handed to its event loop.
     consumer: Any = None
@@ -57,7 +58,7 @@ class WorkerRuntime:
             model_states=self.models.statuses(),
             capable=self.models.capable(),
             load_errors=dict(self.models.load_errors),
-            concurrency=self.settings.worker_concurrency,
+            concurrency=self.concurrency,
             weight=self.settings.worker_weight,
             max_models=self.models.max_models,
             memory_budget=self.models.memory_budget,
@@ -98,6 +99,12 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
+def concurrency(settings: Settings, catalog: Catalog) -> int:
+    if settings.worker_concurrency:
+        return settings.worker_concurrency
+    return ModelManager(catalog, settings.worker_engine).concurrency_for(settings.model_list())
+
+
 def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> WorkerRuntime:
     """Load this worker's models; called once per worker process before it consumes."""
     global _runtime
@@ -123,6 +130,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         models=models,
         runner=JobRunner(name, client, models, stats=stats),
         stats=stats,
+        concurrency=concurrency(settings, catalog),
     )
     models.on_change = rt.on_model_change
     _runtime = rt
