@@ -23,7 +23,8 @@ WHEEL_DIR := $(HOME)/.cache/inferq/wheels/llama-$(LLAMA_VERSION)-$(shell echo "$
 
 help:
 	@echo "make run    install what is missing, then start Redis, the API (:8000), a worker and Flower (:5555)"
-	@echo "make test   install what is missing, then run the test suite"
+	@echo "make test   install what is missing (engine venvs included), then run the test suite"
+	@echo "make engines  .venv-vllm and .venv-mlx, where vLLM / MLX install (ops/engines.mk)"
 	@echo "make lint   ruff and mypy"
 
 install: $(STAMP) redis-server
@@ -56,7 +57,7 @@ redis-server: $(STAMP)
 run: install
 	$(BIN)/inferq up
 
-test: install
+test: install engines
 	$(BIN)/pytest
 
 lint: install
@@ -66,3 +67,5 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+include ops/engines.mk

@@ -209,36 +209,50 @@ def _wait_finished(r: redis.Redis, job_id: str) -> dict[str, str]:
     raise AssertionError(f"job {job_id} never finished: {_job_record(r, job_id)}")
 
 
-def _open_stream(ef: EngineFleet, max_tokens: int) -> tuple[httpx.Client, httpx.Response, str]:
-    """A streamed request left open after its first content chunk; returns its job id."""
-    http = httpx.Client(timeout=120)
-    payload = {
-        "model": MODEL,
-        "messages": STORY,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    resp = http.send(
-        http.build_request("POST", f"{ef.fleet.base_url}/v1/chat/completions", json=payload), stream=True
-    )
-    job_id = ""
-    for line in resp.iter_lines():
-        if line.startswith("data: "):
-            chunk = json.loads(line[6:])
-            job_id = chunk["id"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                break
-    assert job_id
-    return http, resp, job_id
+class _Reader(threading.Thread):
+    """Streams one long request, reading every event (the API drops a subscriber that falls behind) until
+    told to stop, then hangs up."""
+
+    def __init__(self, ef: EngineFleet, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{ef.fleet.base_url}/v1/chat/completions"
+        self.payload = {"model": MODEL, "messages": STORY, "max_tokens": max_tokens, "stream": True}
+        self.payload["ignore_eos"] = True
+        self.job_id = ""
+        self.has_text = threading.Event()
+        self.hang_up = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.payload, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if self.hang_up.is_set():
+                    break
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                self.job_id = chunk["id"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    self.has_text.set()
+        self.has_text.set()  # also when the stream ended early: the waiting test then fails on the record
+
+    def leave(self) -> None:
+        self.hang_up.set()
+        self.join(timeout=60)
 
 
-def test_client_leaving_a_stream_aborts_the_generation(ef: EngineFleet) -> None:
-    r = redis.Redis.from_url(ef.redis_url)
-    http, resp, job_id = _open_stream(ef, max_tokens=400)
-    resp.close()
-    http.close()
-    record = _wait_finished(r, job_id)
+@pytest.fixture
+def r(ef: EngineFleet) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(ef.redis_url)
+    yield client
+    client.close()
+
+
+def test_client_leaving_a_stream_aborts_the_generation(ef: EngineFleet, r: redis.Redis) -> None:
+    reader = _Reader(ef, max_tokens=400)
+    assert reader.has_text.wait(120)
+    reader.leave()
+    record = _wait_finished(r, reader.job_id)
     assert record["state"] == "cancelled"
     assert record["finish_reason"] == "cancelled"
     assert int(record["completion_tokens"]) < 400
@@ -246,22 +260,19 @@ def test_client_leaving_a_stream_aborts_the_generation(ef: EngineFleet) -> None:
     assert _ask(ef, max_tokens=4, temperature=0)[1] in ("stop", "length")
 
 
-def test_concurrent_requests_run_together_when_the_engine_batches(ef: EngineFleet) -> None:
-    n = ef.setup.concurrency
-    if n < 2:
+def test_concurrent_requests_run_together_when_the_engine_batches(ef: EngineFleet, r: redis.Redis) -> None:
+    if ef.setup.concurrency < 2:
         pytest.skip(f"{ef.setup.name} runs one job at a time per worker")
-    r = redis.Redis.from_url(ef.redis_url)
-    streams = [_open_stream(ef, max_tokens=300) for _ in range(4)]
+    readers = [_Reader(ef, max_tokens=300) for _ in range(4)]
     try:
+        assert all(reader.has_text.wait(120) for reader in readers)
         # Every stream has sent text and none has finished: the four generate at the same time.
-        states = [_job_record(r, job_id)["state"] for _, _, job_id in streams]
-        assert states == ["running"] * 4
+        assert [_job_record(r, reader.job_id)["state"] for reader in readers] == ["running"] * 4
     finally:
-        for http, resp, _ in streams:
-            resp.close()
-            http.close()
-    for _, _, job_id in streams:
-        assert _wait_finished(r, job_id)["finish_reason"] == "cancelled"
+        for reader in readers:
+            reader.leave()
+    for reader in readers:
+        assert _wait_finished(r, reader.job_id)["finish_reason"] == "cancelled"
 
 
 def test_parallel_requests_all_complete(ef: EngineFleet) -> None:
