@@ -132,9 +132,10 @@ def test_schema_violation_is_400_naming_the_field(client: openai.OpenAI) -> None
     assert _error(info.value)["param"] == "messages[0].role"
 
 
-def test_n_above_one_is_refused(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("n", [0, 17])
+def test_n_out_of_range_is_refused(client: openai.OpenAI, n: int) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+        client.chat.completions.create(model=MODEL, messages=HELLO, n=n)
     assert _error(info.value)["param"] == "n"
 
 
