@@ -19,7 +19,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 endif
 WHEEL_DIR := $(HOME)/.cache/inferq/wheels/llama-$(LLAMA_VERSION)-$(shell echo "$(LLAMA_CMAKE_ARGS)" | md5sum | cut -c1-10)
 
-.PHONY: help install run test lint redis-server clean
+.PHONY: help install run test lint redis-server clean node-deps
 
 help:
 	@echo "make run    install what is missing, then start Redis, the API (:8000), a worker and Flower (:5555)"
@@ -57,8 +57,17 @@ redis-server: $(STAMP)
 run: install
 	$(BIN)/inferq up
 
-test: install engines
+test: install engines node-deps
 	$(BIN)/pytest
+
+# The official openai npm package for the Node conformance test, pinned by the committed package-lock.json.
+NODE_DIR := tests/conformance/node
+node-deps: $(NODE_DIR)/node_modules/.inferq-installed
+
+$(NODE_DIR)/node_modules/.inferq-installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "the conformance tests need Node >= 20 and npm"; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 lint: install
 	$(BIN)/ruff check .
@@ -66,6 +75,6 @@ lint: install
 	$(BIN)/mypy .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
 
 include ops/engines.mk
