@@ -7,6 +7,7 @@ Token counts stay small: MLX on a Linux CPU makes 5-13 tokens/s.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -91,8 +92,12 @@ class EngineFleet:
     def worker(self) -> str:
         return f"{self.setup.name}-w1"
 
-    def client(self) -> openai.OpenAI:
+    @functools.cached_property
+    def sdk(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.fleet.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+    def client(self) -> openai.OpenAI:
+        return self.sdk
 
 
 @pytest.fixture(scope="module", params=["llamacpp", "vllm", "mlx"])
@@ -111,7 +116,9 @@ def ef(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         name = f"{setup.name}-w1"
         fleet.start_worker(name, MODEL, wait=False, args=setup.args, python=setup.python, env=setup.env)
         fleet.wait_listed(name, timeout=300)  # vLLM imports torch and starts its engine: tens of seconds
-        yield EngineFleet(setup, fleet, server.url)
+        ef = EngineFleet(setup, fleet, server.url)
+        yield ef
+        ef.sdk.close()
     finally:
         fleet.close()
         server.stop()
