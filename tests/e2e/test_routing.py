@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ops.redis_server import RedisServer
+from ops.redis_server import RedisServer, free_port
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.e2e
@@ -139,13 +139,33 @@ def test_unknown_routing_header_is_400(fleet: Fleet) -> None:
     assert r.json()["error"]["param"] == "x-inferq-routing"
 
 
+def test_two_api_processes_share_one_round_robin(fleet: Fleet) -> None:
+    port = free_port()
+    second = fleet._spawn(["api", "--port", str(port)], "api2.log")
+    try:
+        urls = [fleet.base_url, f"http://127.0.0.1:{port}"]
+        fleet._until(lambda: httpx.get(f"{urls[1]}/v1/system/health").status_code == 200, "second api")
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        headers = {"x-inferq-routing": "round_robin"}
+        counts = Counter(
+            httpx.post(f"{urls[i % 2]}/v1/chat/completions", json=body, headers=headers, timeout=60).headers[
+                "x-inferq-worker"
+            ]
+            for i in range(30)
+        )
+    finally:
+        second.terminate()
+        second.wait(timeout=15)
+    assert all(9 <= counts[name] <= 11 for name in WORKERS), counts
+
+
 def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) -> None:
     server = RedisServer()
     fleet = start_fleet(server.url, tmp_path)
     try:
-        # Round-robin puts two of six long jobs on r1 (one running, one waiting in its own queue).
-        with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(ask, fleet, "round_robin", 60) for _ in range(6)]
+        # Round-robin puts three of nine long jobs on r1: two running, one waiting in its own queue.
+        with ThreadPoolExecutor(9) as pool:
+            futures = [pool.submit(ask, fleet, "round_robin", 60) for _ in range(9)]
             time.sleep(1.0)
             fleet.kill_worker("r1", signal.SIGKILL)
             killed_at = time.monotonic()
