@@ -107,6 +107,10 @@ def worker(
         f"{s.worker_name}@%h",
         "-l",
         s.log_level.upper(),
+        # Mingle and gossip sync revoked-task lists and clocks between workers, which inferq does not use;
+        # mingle alone costs every worker start a second.
+        "--without-mingle",
+        "--without-gossip",
     ]
     os.execv(sys.executable, [sys.executable, *args])
 

@@ -59,6 +59,16 @@ redis.call('HDEL', KEYS[1], 'routed_to')
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
 """
 
+# KEYS: job, worker's assigned set. ARGV: worker, job id. Hands a job routed to this worker (which cannot
+# serve it after all: its model was unloaded meanwhile) back to routing, keeping its attempt.
+_UNROUTE = """
+redis.call('SREM', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[1], 'routed_to') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'routed_to')
+return 1
+"""
+
 # KEYS: worker's assigned set. ARGV: worker, job key prefix. Drops entries whose job is no longer waiting
 # for this worker (finished, cancelled, re-routed, expired), so in-flight counts cannot drift for long.
 _HEAL_ASSIGNED = """
@@ -95,6 +105,7 @@ class JobStore:
         self._requeue = client.register_script(_REQUEUE)
         self._requeue_routed = client.register_script(_REQUEUE_ROUTED)
         self._heal = client.register_script(_HEAL_ASSIGNED)
+        self._unroute = client.register_script(_UNROUTE)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -114,6 +125,10 @@ class JobStore:
 
     def assigned_to(self, worker: str) -> list[str]:
         return [text(m) for m in self._r.smembers(keys.worker_assigned_key(worker))]
+
+    def unroute(self, job: Job, worker: str) -> bool:
+        keys_ = [keys.job_key(job.id), keys.worker_assigned_key(worker)]
+        return bool(self._unroute(keys=keys_, args=[worker, job.id]))
 
     def heal_assigned(self, worker: str) -> int:
         return int(self._heal(keys=[keys.worker_assigned_key(worker)], args=[worker, keys.JOB_PREFIX]))

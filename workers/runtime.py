@@ -17,6 +17,7 @@ from celery import Celery
 from queueing import keys
 from queueing.catalog import Catalog
 from queueing.celery_app import enqueue
+from queueing.jobstore import JobStore
 from queueing.registry import ModelState, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
@@ -36,6 +37,7 @@ class WorkerRuntime:
     models: ModelManager
     runner: JobRunner
     stats: WorkerStats
+    store: JobStore
     concurrency: int = 1
     heartbeat: Heartbeat | None = None
     # Celery's consumer, once the worker consumes; queue changes are handed to its event loop.
@@ -130,6 +132,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         models=models,
         runner=JobRunner(name, client, models, stats=stats),
         stats=stats,
+        store=JobStore(client),
         concurrency=concurrency(settings, catalog),
     )
     models.on_change = rt.on_model_change
