@@ -85,7 +85,7 @@ async def drive(base_url: str, strategy: str, rate: float, seconds: float, token
     return run
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     if not values:
         return float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]

@@ -57,7 +57,9 @@ def chat(fleet: Fleet, model: str, routing: str | None = None) -> httpx.Response
 
 
 def card(fleet: Fleet, model: str) -> dict[str, Any]:
-    cards = {c["id"]: c for c in httpx.get(f"{fleet.base_url}/v1/models").json()["data"]}
+    cards: dict[str, dict[str, Any]] = {
+        c["id"]: c for c in httpx.get(f"{fleet.base_url}/v1/models").json()["data"]
+    }
     return cards.get(model, {})
 
 
