@@ -15,7 +15,8 @@ from fastapi import Depends, FastAPI, Request
 
 from api import auth, errors
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
-from api.routes import chat, completions, embeddings, management, models, system
+from api.metrics import MetricsMiddleware
+from api.routes import chat, completions, embeddings, management, metrics, models, system
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
@@ -53,10 +54,12 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
-    for module in (chat, completions, embeddings, models, system, management):
+    for module in (chat, completions, embeddings, models, system, management, metrics):
         app.include_router(module.router)
     keys = auth.Keys.from_settings(settings)
     if keys is not None:
         # Middleware, not a dependency: it covers every route, also those added later and /docs.
         app.add_middleware(auth.AuthMiddleware, keys=keys)
+    # Outermost, so that it also counts what the key check turned away.
+    app.add_middleware(MetricsMiddleware)
     return app

@@ -51,6 +51,7 @@ class WorkerInfo(BaseModel):
     in_flight: int = 0
     completed: int = 0
     failed: int = 0
+    tokens_generated: int = 0
     ewma_ttft: float | None = None  # seconds to the first token
     ewma_tpot: float | None = None  # seconds per output token after the first
     started_at: float = Field(default_factory=time.time)

@@ -67,6 +67,7 @@ class WorkerRuntime:
             in_flight=s.in_flight,
             completed=s.completed,
             failed=s.failed,
+            tokens_generated=s.tokens,
             ewma_ttft=s.ewma_ttft,
             ewma_tpot=s.ewma_tpot,
             started_at=self.started_at,

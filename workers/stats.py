@@ -14,6 +14,7 @@ class StatsSnapshot:
     in_flight: int
     completed: int
     failed: int
+    tokens: int
     ewma_ttft: float | None
     ewma_tpot: float | None
 
@@ -27,6 +28,7 @@ class WorkerStats:
         self._in_flight = 0
         self._completed = 0
         self._failed = 0
+        self._tokens = 0
         self._ttft: float | None = None
         self._tpot: float | None = None
 
@@ -44,6 +46,7 @@ class WorkerStats:
     def job_finished(self, ok: bool, tokens: int = 0, decode_seconds: float = 0.0) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._tokens += tokens
             if ok:
                 self._completed += 1
             else:
@@ -54,4 +57,6 @@ class WorkerStats:
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
-            return StatsSnapshot(self._in_flight, self._completed, self._failed, self._ttft, self._tpot)
+            return StatsSnapshot(
+                self._in_flight, self._completed, self._failed, self._tokens, self._ttft, self._tpot
+            )

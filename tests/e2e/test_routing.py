@@ -127,6 +127,21 @@ def test_queue_mode_keeps_every_worker_busy(fleet: Fleet) -> None:
     assert set(counts) == set(WORKERS), counts
 
 
+def test_metrics_show_requests_workers_and_queues(fleet: Fleet) -> None:
+    ask(fleet, "round_robin", max_tokens=3)
+    time.sleep(1.0)  # the worker's counters reach the registry with its next heartbeat
+    text = httpx.get(f"{fleet.base_url}/metrics").text
+    assert 'inferq_http_requests_total{route="/v1/chat/completions",status="200"}' in text
+    tokens = {
+        line.split('worker="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferq_worker_tokens_total{")
+    }
+    assert set(tokens) == set(WORKERS) and sum(tokens.values()) >= 3
+    assert 'inferq_queue_depth{queue="inferq.model.scripted"} 0' in text
+    assert 'inferq_model_loaded{worker="r1",model="scripted",state="ready"} 1' in text
+
+
 def test_unknown_routing_header_is_400(fleet: Fleet) -> None:
     body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
     r = httpx.post(

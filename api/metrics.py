@@ -1,0 +1,112 @@
+"""Prometheus metrics: the API's own request counters and latencies, plus the fleet read from Redis at scrape
+time (per worker: in flight, jobs, tokens, speed; per queue: depth; per model and worker: loaded state).
+
+The fleet part is computed on each scrape rather than kept in this process, so every API process reports the
+same fleet and a scrape of any one of them is enough.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aredis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from queueing import keys, registry
+from queueing.catalog import Catalog
+
+# Route templates, not raw paths, so that ids in URLs do not explode the label set.
+_REGISTRY = CollectorRegistry()
+REQUESTS = Counter(
+    "inferq_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=_REGISTRY
+)
+LATENCY = Histogram(
+    "inferq_http_request_seconds",
+    "Time to the response's headers (a stream's first event), by route.",
+    ["route"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=_REGISTRY,
+)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware), so a stream's chunks pass straight through: it only looks at the
+    response start, which carries the status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                REQUESTS.labels(route, str(message["status"])).inc()
+                LATENCY.labels(route).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, observed)
+
+
+def _line(name: str, labels: dict[str, str], value: float) -> str:
+    body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return f"{name}{{{body}}} {value}\n"
+
+
+_FLEET_HELP = {
+    "inferq_worker_up": ("gauge", "1 for every live worker (heartbeat not expired)."),
+    "inferq_worker_in_flight": ("gauge", "Jobs running on the worker."),
+    "inferq_worker_concurrency": ("gauge", "Jobs the worker runs at once."),
+    "inferq_worker_jobs_completed_total": ("counter", "Jobs the worker finished."),
+    "inferq_worker_jobs_failed_total": ("counter", "Jobs that failed on the worker."),
+    "inferq_worker_tokens_total": ("counter", "Output tokens the worker generated (rate() gives tokens/s)."),
+    "inferq_worker_ttft_seconds": ("gauge", "EWMA of the worker's time to first token."),
+    "inferq_worker_seconds_per_token": ("gauge", "EWMA of the worker's seconds per output token."),
+    "inferq_model_loaded": ("gauge", "1 per model on a worker, by state (loading, ready, unloading)."),
+    "inferq_queue_depth": ("gauge", "Messages waiting in a queue."),
+}
+
+
+async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
+    samples: dict[str, list[str]] = {name: [] for name in _FLEET_HELP}
+
+    def add(name: str, labels: dict[str, str], value: float | None) -> None:
+        if value is not None:
+            samples[name].append(_line(name, labels, value))
+
+    workers = await registry.live_workers(client)
+    for w in workers:
+        lab = {"worker": w.name, "engine": w.engine}
+        add("inferq_worker_up", lab, 1)
+        add("inferq_worker_in_flight", lab, w.in_flight)
+        add("inferq_worker_concurrency", lab, w.concurrency)
+        add("inferq_worker_jobs_completed_total", lab, w.completed)
+        add("inferq_worker_jobs_failed_total", lab, w.failed)
+        add("inferq_worker_tokens_total", lab, w.tokens_generated)
+        add("inferq_worker_ttft_seconds", lab, w.ewma_ttft)
+        add("inferq_worker_seconds_per_token", lab, w.ewma_tpot)
+        for model, status in w.model_states.items():
+            add("inferq_model_loaded", {"worker": w.name, "model": model, "state": status.state}, 1)
+    queues = [keys.model_queue(m) for m in catalog.models] + [keys.worker_queue(w.name) for w in workers]
+    async with client.pipeline(transaction=False) as pipe:
+        for q in queues:
+            for key in keys.queue_list_keys(q):
+                pipe.llen(key)
+        lengths = await pipe.execute()
+    steps = len(keys.KOMBU_PRIORITY_STEPS)
+    for i, q in enumerate(queues):
+        add("inferq_queue_depth", {"queue": q}, sum(lengths[i * steps : (i + 1) * steps]))
+    out = []
+    for name, (kind, text) in _FLEET_HELP.items():
+        out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+        out.extend(samples[name])
+    return "".join(out)
+
+
+async def exposition(client: aredis.Redis, catalog: Catalog) -> str:
+    return generate_latest(_REGISTRY).decode() + await fleet_text(client, catalog)
