@@ -40,6 +40,7 @@ from queueing.catalog import DEFAULT_CATALOG, Catalog  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 
 MODEL = "smollm2-135m"
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a hash table is.",
@@ -93,6 +94,13 @@ def engine_python(engine: str) -> str | None:
     return python
 
 
+def worker_env(engine: str) -> dict[str, str]:
+    # mlx[cpu] links the reference BLAS; Debian's OpenBLAS preloaded is 2-3 times faster (../shared/NOTES.md).
+    if engine == "mlx" and OPENBLAS.exists():
+        return {"LD_PRELOAD": str(OPENBLAS)}
+    return {}
+
+
 def ask(client: httpx.Client, base: str, prompt: str, max_tokens: int) -> int:
     body = {
         "model": MODEL,
@@ -140,7 +148,9 @@ def bench_engine(engine: str, python: str, args: argparse.Namespace, catalog: Ca
     try:
         fleet.start_api()
         worker_args = ["--engine", engine, "--concurrency", str(concurrency)]
-        fleet.start_worker("bench", MODEL, wait=False, args=worker_args, python=python)
+        fleet.start_worker(
+            "bench", MODEL, wait=False, args=worker_args, python=python, env=worker_env(engine)
+        )
         fleet.wait_listed("bench", timeout=300)
         single, concurrent = through_inferq(fleet.base_url, args.max_tokens, args.concurrency)
     finally:

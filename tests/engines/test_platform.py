@@ -125,3 +125,13 @@ def test_probe_reports_a_library_that_is_there_but_breaks(
         plat.probe.cache_clear()
     assert lib.installed and lib.imports is False
     assert lib.error is not None and "libmlx.so" in lib.error
+
+
+@pytest.mark.skipif(not plat.cuda_devices(), reason="no CUDA device here")
+def test_a_cuda_machine_picks_vllm_under_the_vllm_venv() -> None:
+    python = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm (make engines)")
+    code = "from engines.platform import choose_engine; print(choose_engine(['llamacpp', 'vllm', 'mlx']))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "vllm"
