@@ -19,7 +19,15 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engines.base import ContextLengthExceeded, EngineError, FinishReason, GenerationRequest, Output
+from engines.base import (
+    ContextLengthExceeded,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    Output,
+    TokenLogprob,
+    UnsupportedRequest,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +57,30 @@ def _configure_environment(n_threads: int | None) -> None:
     if n_threads:
         # In-process on CPU, vLLM computes on torch's intra-op pool, sized from this when torch loads.
         os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
+
+
+def _logprobs(out: Any, top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-position {token id: Logprob} (the top ``top`` by rank plus the sampled token) as ours."""
+    if top is None or out.logprobs is None:
+        return None
+    found = []
+    for token_id, position in zip(out.token_ids, out.logprobs, strict=False):
+        if position is None:
+            continue
+        chosen = position[token_id]
+        ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top), key=_rank)
+        found.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=float(chosen.logprob),
+                top=[(lp.decoded_token or "", float(lp.logprob)) for lp in ranked],
+            )
+        )
+    return found
+
+
+def _rank(logprob: Any) -> int:
+    return int(logprob.rank)
 
 
 class _Stream:
@@ -95,6 +127,8 @@ class VllmEngine:
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
+        if request.prompt is not None:
+            return list(tok.encode(request.prompt))  # /v1/completions: the raw text
         if tok.chat_template:
             text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
             ids = tok.encode(text, add_special_tokens=False)
@@ -108,11 +142,14 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         extra: dict[str, Any] = {}
-        schema = getattr(request, "json_schema", None)
-        if schema is not None:
+        if request.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
+            # `{}` asks for any JSON object; otherwise JSON valid for the schema (xgrammar, also on CPU).
+            schema = request.json_schema
+            extra["structured_outputs"] = (
+                StructuredOutputsParams(json=schema) if schema else StructuredOutputsParams(json_object=True)
+            )
         return SamplingParams(
             n=1,
             temperature=request.temperature,
@@ -125,12 +162,15 @@ class VllmEngine:
             frequency_penalty=request.frequency_penalty,
             ignore_eos=request.ignore_eos,
             max_tokens=max_tokens,
+            logprobs=request.logprobs,
             output_kind=RequestOutputKind.DELTA,
             **extra,
         )
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
         prompt = self._prompt_ids(request)
+        if not prompt:
+            raise UnsupportedRequest("The prompt is empty.", "prompt")
         if len(prompt) >= self._n_ctx:
             raise ContextLengthExceeded(len(prompt), self._n_ctx)
         params = self._sampling_params(request, min(request.max_tokens, self._n_ctx - len(prompt)))
@@ -149,12 +189,16 @@ class VllmEngine:
                     break
                 if isinstance(item, BaseException):
                     raise EngineError(f"vLLM failed: {item}") from item
-                text, n_tokens, reason = item
+                text, n_tokens, reason, logprobs = item
                 produced += n_tokens
                 finish = FINISH.get(reason, "stop") if reason else None
-                if text or finish:
+                if text or finish or logprobs:
                     yield Output(
-                        text=text, prompt_tokens=len(prompt), completion_tokens=produced, finish_reason=finish
+                        text=text,
+                        prompt_tokens=len(prompt),
+                        completion_tokens=produced,
+                        finish_reason=finish,
+                        logprobs=logprobs,
                     )
             if finish is None:
                 # Aborted before vLLM reported a reason (the task was cancelled): say so.
@@ -176,7 +220,8 @@ class VllmEngine:
             async for result in results:
                 out = result.outputs[0]
                 reason = out.finish_reason if result.finished else None
-                stream.outputs.put((out.text, len(out.token_ids), reason))
+                logprobs = _logprobs(out, params.logprobs)
+                stream.outputs.put((out.text, len(out.token_ids), reason, logprobs))
         except asyncio.CancelledError:
             pass  # abort(): the engine's generate() aborts the request in vLLM as it unwinds
         except Exception as exc:
@@ -204,6 +249,9 @@ class VllmEngine:
             self._call(self._shutdown())
         finally:
             self._stop_loop()
+            # Let the engine go now: collected at interpreter exit, its __del__ would shut down a second time
+            # with half the modules already torn down.
+            self._engine = None
 
     async def _shutdown(self) -> None:
         # On the loop thread: shutdown() cancels the engine's output-handler task, which lives on this loop.
