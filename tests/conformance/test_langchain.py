@@ -33,7 +33,7 @@ def llm(conformance_fleet: Fleet) -> Iterator[ChatOpenAI]:
     yield ChatOpenAI(
         model=MODEL,
         base_url=f"{conformance_fleet.base_url}/v1",
-        api_key=USER_KEY,  # type: ignore[arg-type]
+        api_key=USER_KEY,
         max_retries=0,
         timeout=120,
         temperature=0.7,

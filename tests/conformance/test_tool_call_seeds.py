@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from openai.types.chat import ChatCompletionToolParam
+from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionToolParam
 
 from tests.conformance.conftest import MODEL
 
@@ -57,12 +57,15 @@ def test_named_tool_call_validates_for_30_seeds(sdk: openai.OpenAI) -> None:
             max_tokens=400,
         )
         choice = done.choices[0]
-        calls = choice.message.tool_calls or []
+        calls = [
+            c for c in choice.message.tool_calls or [] if isinstance(c, ChatCompletionMessageFunctionToolCall)
+        ]
         if len(calls) != 1 or calls[0].function.name != "book_hotel" or choice.finish_reason != "tool_calls":
             invalid.append((seed, "shape", repr(choice)))
             continue
+        arguments = calls[0].function.arguments
         try:
-            jsonschema.validate(json.loads(calls[0].function.arguments), BOOKING)
+            jsonschema.validate(json.loads(arguments), BOOKING)
         except (ValueError, jsonschema.ValidationError) as exc:
-            invalid.append((seed, str(exc)[:200], calls[0].function.arguments))
+            invalid.append((seed, str(exc)[:200], arguments))
     assert invalid == []
