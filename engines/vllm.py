@@ -126,6 +126,11 @@ class VllmEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        # A fast tokenizer used from several threads at once can fail with "Already borrowed".
+        with self._lock:
+            return self._tokenize(request)
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
         if request.prompt is not None:
             return list(tok.encode(request.prompt))  # /v1/completions: the raw text

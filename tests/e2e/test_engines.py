@@ -298,3 +298,46 @@ def test_parallel_requests_all_complete(ef: EngineFleet) -> None:
         t.join(timeout=120)
     assert len(results) == 4
     assert all(reason == "length" and content for content, reason in results)
+
+
+def test_raw_completion_with_logprobs(ef: EngineFleet) -> None:
+    done = ef.client().completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, logprobs=2, temperature=0
+    )
+    choice = done.choices[0]
+    assert choice.text.strip()
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    # Greedy decoding picks the most likely token.
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0])
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_is_honoured_or_refused(ef: EngineFleet) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Describe a person called Ada who is 36, as JSON."}
+    ]
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    kwargs: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": 60, "response_format": fmt}
+    if ef.setup.name == "mlx":
+        # No constrained decoding in mlx_lm: a 400 naming the field, never unconstrained text.
+        with pytest.raises(openai.BadRequestError) as info:
+            ef.client().chat.completions.create(**kwargs)
+        assert info.value.response.json()["error"]["param"] == "response_format"
+        return
+    done = ef.client().chat.completions.create(**kwargs, temperature=0)
+    assert done.choices[0].finish_reason == "stop"
+    person = json.loads(done.choices[0].message.content or "")
+    assert set(person) == {"name", "age"}
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
