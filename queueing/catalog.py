@@ -109,9 +109,13 @@ class ModelSpec(BaseModel):
     routing: Routing | None = None
     # Seconds an idle, unpinned copy stays loaded; None: INFERQ_KEEP_ALIVE; negative: forever.
     keep_alive: float | None = None
+    # Force this engine on every worker (a worker's --engine still wins); None: chosen per machine (doctor).
+    engine: str | None = None
 
     @model_validator(mode="after")
     def _name_sources(self) -> ModelSpec:
+        if self.engine is not None and self.engine not in self.sources:
+            raise ValueError(f"engine {self.engine!r} has no source")
         for engine, source in self.sources.items():
             if source.prepared_from is not None and source.prepared_from not in self.sources:
                 raise ValueError(f"{engine}: prepared_from {source.prepared_from!r} is not a source")

@@ -82,7 +82,7 @@ class ModelManager:
             if self._forced_engine not in spec.sources:
                 raise CannotLoad(f"model {spec.id!r} has no source for engine {self._forced_engine!r}")
             return self._forced_engine
-        return choose_engine(spec.engines())
+        return choose_engine(spec.engines(), spec.engine)
 
     def _locate(self, model: str) -> tuple[ModelSpec, str, Path]:
         spec = self._catalog.get(model)

@@ -74,3 +74,10 @@ def test_a_failed_conversion_leaves_no_folder_behind(cache: Path, tmp_path: Path
         prepare(catalog(), "m", "vllm", python=str(python))
     assert not (cache / "m" / "vllm").exists()
     assert list((cache / "m").iterdir()) == []
+
+
+def test_the_catalog_can_force_an_engine_it_has_a_source_for() -> None:
+    spec = ModelSpec.model_validate({"id": "m", "sources": SOURCES, "engine": "vllm"})
+    assert spec.engine == "vllm"
+    with pytest.raises(pydantic.ValidationError, match="engine 'mlx' has no source"):
+        ModelSpec.model_validate({"id": "m", "sources": SOURCES, "engine": "mlx"})
