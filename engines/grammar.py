@@ -10,6 +10,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from engines.base import UnsupportedRequest
@@ -19,8 +20,9 @@ from engines.base import UnsupportedRequest
 def _gbnf(schema_json: str) -> str:
     try:
         gbnf: str = json_schema_to_gbnf(schema_json)
-    except (AssertionError, KeyError, ValueError, TypeError, NotImplementedError) as exc:
-        # The converter signals a schema it cannot express with assertions and lookups.
+    except Exception as exc:
+        # The schema comes from the client, and the converter signals what it cannot express with assertions,
+        # failed lookups and the like: any failure here is the request's, answered as a 400.
         raise UnsupportedRequest(
             f"The JSON schema cannot be turned into a grammar: {exc or type(exc).__name__}", "response_format"
         ) from exc
@@ -41,8 +43,15 @@ def _closed(schema: Any) -> Any:
     return out
 
 
-def grammar_for(schema: dict[str, Any]) -> LlamaGrammar:
-    """A grammar accepting exactly the JSON documents valid for ``schema`` (``{}``: any JSON object)."""
+def grammar_for(schema: dict[str, Any], vocab: Any) -> LlamaGrammar:
+    """A grammar accepting only JSON documents valid for ``schema`` (``{}``: any JSON object), checked
+    against the model's vocabulary (``llama_vocab*``)."""
     # Key order is kept: the grammar writes properties in the order the schema lists them.
     gbnf = _gbnf(json.dumps(_closed(schema)))
-    return LlamaGrammar.from_string(gbnf, verbose=False)
+    grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+    # llama.cpp's own parser has the last word; a grammar it rejects would reach the sampler chain as NULL.
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), grammar._root.encode())
+    if not sampler:
+        raise UnsupportedRequest("llama.cpp cannot parse the grammar of this JSON schema.", "response_format")
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar

@@ -93,10 +93,11 @@ class LlamaCppEngine:
         if len(prompt) >= self._n_ctx:
             raise ContextLengthExceeded(len(prompt), self._n_ctx)
         max_tokens = min(request.max_tokens, self._n_ctx - len(prompt))
+        # Before the first output: a schema without a grammar is the client's error (400), not a stream error.
+        grammar = None if request.json_schema is None else grammar_for(request.json_schema, llm._model.vocab)
         yield Output(prompt_tokens=len(prompt))
 
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
-        grammar = grammar_for(request.json_schema) if request.json_schema is not None else None
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(request.stop)

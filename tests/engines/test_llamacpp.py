@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 
+import jsonschema
 import pytest
 
-from engines.base import ContextLengthExceeded, Engine, GenerationRequest
+from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
 from queueing.catalog import DEFAULT_CATALOG, Catalog
 
 llamacpp = pytest.importorskip("engines.llamacpp")
@@ -53,3 +56,95 @@ def test_abort_stops_a_running_generation(engine: Engine) -> None:
     rest = list(gen)
     assert rest[-1].finish_reason == "cancelled"
     assert rest[-1].completion_tokens < 200
+
+
+def test_raw_prompt_skips_the_chat_template(engine: Engine) -> None:
+    outs = list(
+        engine.generate(GenerationRequest("r5", [], max_tokens=4, temperature=0, prompt="Paris is in"))
+    )
+    assert outs[0].prompt_tokens == 3
+    with pytest.raises(UnsupportedRequest):
+        next(engine.generate(GenerationRequest("r6", [], max_tokens=4, prompt="")))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_json_schema_constrains_the_output(engine: Engine, seed: int) -> None:
+    # Every document of this schema is short, so the grammar alone guarantees a complete one.
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "ok": {"type": "boolean"},
+            "size": {"enum": ["s", "m", "l"]},
+        },
+        "required": ["n", "ok", "size"],
+    }
+    request = GenerationRequest("r7", MSG, max_tokens=100, temperature=1.0, seed=seed, json_schema=schema)
+    outs = list(engine.generate(request))
+    assert outs[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(o.text for o in outs)), schema)
+
+
+def test_free_text_fields_validate_whenever_the_document_ends(engine: Engine) -> None:
+    # Strings and arrays are unbounded: a small model can run out of tokens inside one (finish "length").
+    schema = {
+        "type": "object",
+        "properties": {"words": {"type": "array", "items": {"type": "string"}}},
+        "required": ["words"],
+    }
+    ended = 0
+    for seed in range(4):
+        request = GenerationRequest(
+            "r7b", MSG, max_tokens=150, temperature=0.7, seed=seed, json_schema=schema
+        )
+        outs = list(engine.generate(request))
+        if outs[-1].finish_reason == "stop":
+            ended += 1
+            jsonschema.validate(json.loads("".join(o.text for o in outs)), schema)
+    assert ended > 0
+
+
+def test_an_empty_schema_means_any_json_object(engine: Engine) -> None:
+    ask = [{"role": "user", "content": "Describe a cat called Tom, aged 3, as a JSON object."}]
+    ended = 0
+    for seed in range(3):
+        outs = list(engine.generate(GenerationRequest("r8", ask, max_tokens=200, seed=seed, json_schema={})))
+        assert "".join(o.text for o in outs).startswith("{")
+        if outs[-1].finish_reason == "stop":
+            ended += 1
+            assert isinstance(json.loads("".join(o.text for o in outs)), dict)
+    assert ended > 0
+
+
+def test_a_schema_without_a_grammar_is_refused(engine: Engine) -> None:
+    with pytest.raises(UnsupportedRequest) as info:
+        next(engine.generate(GenerationRequest("r9", MSG, max_tokens=4, json_schema={"type": "frobnicate"})))
+    assert info.value.param == "response_format"
+
+
+def test_logprobs_of_each_token_and_its_alternatives(engine: Engine) -> None:
+    outs = list(engine.generate(GenerationRequest("r10", MSG, max_tokens=5, temperature=0, logprobs=3)))
+    tokens = [t for o in outs for t in o.logprobs or []]
+    assert len(tokens) == 5
+    assert "".join(t.token for t in tokens) == "".join(o.text for o in outs)
+    for t in tokens:
+        assert len(t.top) == 3 and t.top[0][1] == pytest.approx(t.logprob)  # greedy: the most likely
+        assert t.top[0][1] >= t.top[1][1] >= t.top[2][1]
+        assert math.exp(t.logprob) <= 1.0
+    none = list(engine.generate(GenerationRequest("r11", MSG, max_tokens=3, temperature=0)))
+    assert all(o.logprobs is None for o in none)
+
+
+def test_embeddings_are_normalised_and_tokens_equal_their_text(engine: Engine) -> None:
+    assert isinstance(engine, Embedder)
+    got = engine.embed(["hello world", "the cat sat", [28120, 905]])
+    assert len(got.vectors) == 3 and got.prompt_tokens == 2 + 3 + 2
+    for v in got.vectors:
+        assert sum(x * x for x in v) == pytest.approx(1.0, abs=1e-6)
+    assert got.vectors[0] == pytest.approx(got.vectors[2], abs=1e-6)
+    assert got.vectors[0] != pytest.approx(got.vectors[1], abs=1e-3)
+    for bad in ([""], [[10**9]]):
+        with pytest.raises(UnsupportedRequest):
+            engine.embed(bad)
+    with pytest.raises(ContextLengthExceeded):
+        engine.embed(["word " * 400])
