@@ -12,3 +12,14 @@ def test_events_round_trip_through_the_wire() -> None:
     ]
     assert [events.decode(events.encode(e)) for e in sent] == sent
     assert [events.decode(events.encode(e).encode()) for e in sent] == sent
+
+
+def test_logprobs_and_embeddings_round_trip() -> None:
+    top = [events.TopLogprob(token="a", logprob=-0.1)]
+    sent: list[events.AnyEvent] = [
+        events.Delta(attempt=1, text="a", logprobs=[events.TokenLogprob(token="a", logprob=-0.1, top=top)]),
+        events.Finished(
+            attempt=1, finish_reason="stop", prompt_tokens=2, completion_tokens=0, embeddings=[[0.25, -1.0]]
+        ),
+    ]
+    assert [events.decode(events.encode(e)) for e in sent] == sent

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 
 import redis
 import redis.asyncio as aredis
 
-from engines.base import ContextLengthExceeded, GenerationRequest, Output
+from engines.base import (
+    ContextLengthExceeded,
+    Embeddings,
+    GenerationRequest,
+    Output,
+    TokenLogprob,
+    UnsupportedRequest,
+)
 from ops.redis_server import RedisServer
 from queueing import events, keys
 from queueing.catalog import Catalog
@@ -112,3 +120,74 @@ def test_stale_delivery_is_skipped(redis_server: RedisServer, redis_client: redi
     # The broker redelivers the same message: nothing runs or changes.
     runner_with(redis_client, ListEngine(["zzz"])).run(j)
     assert redis_client.hget(keys.job_key(j.id), "text") == b"a"
+
+
+class EmbedEngine(ListEngine):
+    def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        return Embeddings(vectors=[[float(len(str(i))), 0.5] for i in inputs], prompt_tokens=7)
+
+
+class LogprobEngine(ListEngine):
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        assert request.logprobs == 1
+        yield Output(prompt_tokens=3)
+        for i, p in enumerate(self.pieces, 1):
+            lp = [TokenLogprob(p, -0.5 * i, [(p, -0.5 * i)])]
+            yield Output(text=p, prompt_tokens=3, completion_tokens=i, logprobs=lp)
+        yield Output(prompt_tokens=3, completion_tokens=len(self.pieces), finish_reason="stop")
+
+
+def test_logprobs_travel_with_deltas_or_with_the_end(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    for stream in (True, False):
+        j = job(stream)
+        j.sampling.logprobs = 1
+        got = run_and_listen(redis_server.url, runner_with(redis_client, LogprobEngine(["a", "b"])), j)
+        if stream:
+            deltas = [e for e in got if isinstance(e, events.Delta)]
+            assert [d.logprobs[0].logprob for d in deltas if d.logprobs] == [-0.5, -1.0]
+        else:
+            end = got[-1]
+            assert isinstance(end, events.Finished) and end.logprobs is not None
+            assert [(t.token, t.logprob, t.top[0].token) for t in end.logprobs] == [
+                ("a", -0.5, "a"),
+                ("b", -1.0, "b"),
+            ]
+
+
+def test_embedding_job_publishes_vectors_and_records_them(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    runner = runner_with(redis_client, EmbedEngine([]))
+    j = Job(model="m", kind="embedding", inputs=["ab", "c"])
+    got = run_and_listen(redis_server.url, runner, j)
+    assert [e.type for e in got] == ["started", "finished"]
+    end = got[-1]
+    assert isinstance(end, events.Finished) and end.embeddings == [[2.0, 0.5], [1.0, 0.5]]
+    assert end.prompt_tokens == 7
+    assert json.loads(redis_client.hget(keys.job_key(j.id), "embeddings") or b"") == end.embeddings
+    stats = runner.stats.snapshot()
+    assert (stats.in_flight, stats.completed, stats.failed) == (0, 1, 0)
+
+
+def test_embedding_on_an_engine_that_cannot_is_a_400(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    got = run_and_listen(
+        redis_server.url,
+        runner_with(redis_client, ListEngine([])),
+        Job(model="m", kind="embedding", inputs=["x"]),
+    )
+    end = got[-1]
+    assert isinstance(end, events.Failed)
+    assert (end.status, end.code, end.param) == (400, "unsupported_value", "model")
+
+
+def test_unsupported_request_fields_are_a_400_naming_them(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    engine = ListEngine([], error=UnsupportedRequest("no grammar here", "response_format"))
+    got = run_and_listen(redis_server.url, runner_with(redis_client, engine), job(stream=True))
+    end = got[-1]
+    assert isinstance(end, events.Failed) and (end.status, end.param) == (400, "response_format")
