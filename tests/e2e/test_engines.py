@@ -26,7 +26,7 @@ from ops.prepare import prepare
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing._codec import text
-from queueing.catalog import Catalog
+from queueing.catalog import ROUTING_MODES, Catalog
 from tests.fleet import ROOT, Fleet
 
 pytestmark = pytest.mark.e2e
@@ -341,3 +341,60 @@ def test_json_schema_is_honoured_or_refused(ef: EngineFleet) -> None:
     person = json.loads(done.choices[0].message.content or "")
     assert set(person) == {"name", "age"}
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, dict[str, str]]]:
+    """One worker per engine present, all serving the same model, behind one API."""
+    setups = []
+    for engine in ("llamacpp", "vllm", "mlx"):
+        try:
+            setups.append(_setup(engine))
+        except pytest.skip.Exception:
+            continue
+    if len(setups) < 2:
+        pytest.skip("a mixed fleet needs a second engine (make engines)")
+    tmp = tmp_path_factory.mktemp("mixed")
+    catalog_file = tmp / "models.yaml"
+    catalog_file.write_text(CATALOG)
+    for setup in setups:
+        if setup.name != "llamacpp":
+            prepare(Catalog.load(catalog_file), MODEL, setup.name, python=setup.python)
+    server = RedisServer()
+    fleet = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog_file), INFERQ_REQUEST_TIMEOUT="120")
+    try:
+        fleet.start_api()
+        for setup in setups:
+            name = f"mixed-{setup.name}"
+            fleet.start_worker(name, MODEL, wait=False, args=setup.args, python=setup.python, env=setup.env)
+        for setup in setups:
+            fleet.wait_listed(f"mixed-{setup.name}", timeout=300)
+        yield fleet, {f"mixed-{s.name}": s.name for s in setups}
+    finally:
+        fleet.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", ROUTING_MODES)
+def test_mixed_fleet_answers_with_every_routing_mode(mixed: tuple[Fleet, dict[str, str]], mode: str) -> None:
+    fleet, engines = mixed
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "temperature": 0}
+    served = set()
+    with httpx.Client(timeout=120) as http:
+        for _ in range(2 * len(engines)):
+            r = http.post(
+                f"{fleet.base_url}/v1/chat/completions", json=body, headers={"x-inferq-routing": mode}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+            served.add(r.headers["x-inferq-worker"])
+    assert served <= set(engines)
+    if mode == "round_robin":
+        assert served == set(engines)
+
+
+def test_mixed_fleet_lists_each_workers_engine_and_platform(mixed: tuple[Fleet, dict[str, str]]) -> None:
+    fleet, engines = mixed
+    listed = httpx.get(f"{fleet.base_url}/v1/system/workers").json()["data"]
+    assert {w["name"]: w["engine"] for w in listed} == engines
+    assert all(w["platform"] for w in listed)
