@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis.asyncio as aredis
 from celery import Celery
@@ -100,16 +101,16 @@ class FleetControl:
         """Wait until ``model`` is ready (on ``worker`` if given); raises 503 if its load failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
+        # A failure reported before this wait began belongs to an earlier attempt (a worker's clock may run a
+        # little apart from this one's: a second of slack).
+        since = time.time() - 1.0
         while True:
-            workers = await self.workers()
-            ready = [w for w in workers if model in w.models and worker in (None, w.name)]
+            workers = [w for w in await self.workers() if worker in (None, w.name)]
+            ready = [w for w in workers if model in w.models]
             if ready:
                 return ready
-            failed = [
-                w.load_errors[model] for w in workers if model in w.load_errors and worker in (None, w.name)
-            ]
-            loading = [w for w in workers if model in w.model_states]
-            if failed and not loading:
+            failed = [f.message for w in workers if (f := w.load_errors.get(model)) and f.at >= since]
+            if failed and not any(model in w.model_states for w in workers):
                 raise errors.model_load_failed(model, failed[0])
             if loop.time() >= deadline:
                 raise errors.model_load_failed(model, f"not ready after {limit:g}s")

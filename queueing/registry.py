@@ -31,6 +31,11 @@ class ModelStatus(BaseModel):
     keep_alive: float | None = None  # seconds idle before unloading; None: never
 
 
+class LoadFailure(BaseModel):
+    message: str
+    at: float = Field(default_factory=time.time)
+
+
 class WorkerInfo(BaseModel):
     name: str
     node: str = ""  # Celery nodename, the destination of remote-control commands
@@ -43,7 +48,7 @@ class WorkerInfo(BaseModel):
     model_states: dict[str, ModelStatus] = {}
     # Catalog models this worker's engine can load on demand, and the last load failure of each.
     capable: list[str] = []
-    load_errors: dict[str, str] = {}
+    load_errors: dict[str, LoadFailure] = {}
     concurrency: int
     weight: float = 1.0
     max_models: int = 0

