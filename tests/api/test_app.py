@@ -96,3 +96,51 @@ def test_health_is_503_when_redis_is_down(redis_client: redis.Redis) -> None:
         assert down.json()["redis"] is False
         chat = c.post("/v1/chat/completions", json=CHAT)
         assert chat.status_code == 503 and error(chat)["code"] == "redis_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "smollm2-135m", "prompt": []}, "prompt"),
+        ("/v1/completions", {"model": "smollm2-135m", "prompt": ["ok", ""]}, "prompt"),
+        ("/v1/completions", {"model": "smollm2-135m", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"model": "smollm2-135m", "prompt": "x", "suffix": "y"}, "suffix"),
+        (
+            "/v1/completions",
+            {"model": "smollm2-135m", "prompt": "x", "echo": True, "logprobs": 1},
+            "logprobs",
+        ),
+        ("/v1/embeddings", {"model": "smollm2-135m", "input": []}, "input"),
+        (
+            "/v1/embeddings",
+            {"model": "smollm2-135m", "input": "x", "encoding_format": "hex"},
+            "encoding_format",
+        ),
+        ("/v1/embeddings", {"model": "smollm2-135m", "input": "x", "dimensions": 8}, "dimensions"),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {**CHAT, "n": 17}, "n"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools[0].function.name",
+        ),
+    ],
+)
+def test_new_endpoints_validate_with_param(
+    http: TestClient, path: str, body: dict[str, object], param: str
+) -> None:
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert error(r)["param"] == param
+
+
+def test_embeddings_need_a_model_flagged_for_them(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    catalog = Catalog.load(DEFAULT_CATALOG)
+    plain = catalog.models["smollm2-135m"].model_copy(update={"embeddings": False})
+    with TestClient(create_app(settings(redis_server.url), Catalog(models={"smollm2-135m": plain}))) as c:
+        r = c.post("/v1/embeddings", json={"model": "smollm2-135m", "input": "x"})
+    assert r.status_code == 400 and error(r)["code"] == "model_not_supported"
