@@ -22,7 +22,7 @@ class CompletionRequest(OpenAIBaseModel):
     echo: bool = Field(False, description="Put the prompt in front of the completion.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives reported per token.")
-    max_tokens: int = Field(16, ge=1, description="Upper bound on generated tokens (OpenAI's default: 16).")
+    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (unset or null: 16).")
     n: int = Field(1, ge=1, le=16, description="Completions per prompt (one job each, seeds seed+i).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, description="Same seed, same parameters: the same output.")
@@ -47,7 +47,7 @@ class CompletionRequest(OpenAIBaseModel):
     def to_sampling(self, spec: ModelSpec) -> Sampling:
         d = spec.defaults
         return Sampling(
-            max_tokens=self.max_tokens,
+            max_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=d.temperature if self.temperature is None else self.temperature,
             top_p=d.top_p if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
