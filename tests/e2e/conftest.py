@@ -57,8 +57,11 @@ def fleet(
 
 
 @pytest.fixture
-def client(fleet: Fleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+def client(fleet: Fleet) -> Iterator[openai.OpenAI]:
+    # Closed after each test: a client left to the garbage collector leaves an unclosed socket, which
+    # pytest reports (and fails on) at exit.
+    with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=0, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture
