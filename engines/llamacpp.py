@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -72,7 +73,14 @@ class LlamaCppEngine:
             # No chat template (a base model): the messages are joined as plain text.
             prompt, added_special = "\n".join(m["content"] for m in request.messages), False
         else:
-            formatted = self._formatter(messages=request.messages)  # type: ignore[arg-type]
+            try:
+                formatted = self._formatter(messages=request.messages)  # type: ignore[arg-type]
+            except (jinja2.TemplateError, ValueError) as exc:
+                # Templates refuse conversations they cannot render (roles out of order, a `tool` role):
+                # through raise_exception (a ValueError in llama-cpp-python) or a template error.
+                raise UnsupportedRequest(
+                    f"The model's chat template refuses these messages: {exc}", "messages"
+                ) from exc
             prompt, added_special = formatted.prompt, bool(formatted.added_special)
         # add_bos=True still honours the GGUF's own add_bos_token flag inside llama.cpp.
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=not added_special, special=True)

@@ -13,6 +13,7 @@ from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequ
 from queueing.catalog import DEFAULT_CATALOG, Catalog
 
 llamacpp = pytest.importorskip("engines.llamacpp")
+Jinja2ChatFormatter = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
 MSG = [{"role": "user", "content": "Count from one to twenty in words."}]
 
 
@@ -149,3 +150,15 @@ def test_embeddings_are_normalised_and_tokens_equal_their_text(engine: Engine) -
             engine.embed(bad)
     with pytest.raises(ContextLengthExceeded):
         engine.embed(["word " * 400])
+
+
+def test_messages_the_chat_template_refuses_are_unsupported(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strict = Jinja2ChatFormatter(
+        template="{{ raise_exception('roles must alternate') }}", eos_token="", bos_token=""
+    )
+    monkeypatch.setattr(engine, "_formatter", strict)
+    with pytest.raises(UnsupportedRequest) as info:
+        next(engine.generate(GenerationRequest("r12", MSG, max_tokens=2)))
+    assert info.value.param == "messages" and "roles must alternate" in str(info.value)
