@@ -5,11 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
 
 from api.jobs import Disconnected, Dispatcher, JobRun
 from queueing import events
 from queueing.jobs import Job
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """All results in order; on the first error the others are cancelled and awaited before it is raised.
+
+    Plain gather would leave them running: closing their runs then would close event streams that a
+    sibling task is still reading.
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def start_all(
@@ -17,7 +35,7 @@ async def start_all(
 ) -> list[JobRun]:
     """Enqueue every job and wait until each was accepted; the runs close with ``stack``."""
     runs = [await stack.enter_async_context(dispatcher.run(job, disconnected)) for job in jobs]
-    await asyncio.gather(*(run.start() for run in runs))
+    await gather_or_cancel(*(run.start() for run in runs))
     return runs
 
 
@@ -30,7 +48,7 @@ async def finish_all(runs: Sequence[JobRun]) -> list[events.Finished]:
                 return event
         raise AssertionError("rest() ends with Finished or raises")
 
-    return list(await asyncio.gather(*(last(run) for run in runs)))
+    return await gather_or_cancel(*(last(run) for run in runs))
 
 
 async def merged(runs: Sequence[JobRun]) -> AsyncIterator[tuple[int, events.Delta | events.Finished]]:
