@@ -105,6 +105,11 @@ class LlamaCppEngine:
         grammar = None if request.json_schema is None else grammar_for(request.json_schema, llm._model.vocab)
         yield Output(prompt_tokens=len(prompt))
 
+        if request.seed is not None:
+            # Reusing a cached prompt prefix evaluates the prompt in other batches, and the logits differ in
+            # the last bits: enough to change a sampled token. A seeded request promises the same output, so
+            # it evaluates its whole prompt; unseeded ones keep the prefix cache.
+            llm.reset()  # type: ignore[no-untyped-call]
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
