@@ -9,10 +9,25 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
 from api.jobs import Disconnected, Dispatcher, JobRun
+from api.protocol.base import Usage
 from queueing import events
 from queueing.jobs import Job
 
 T = TypeVar("T")
+WORKER_HEADER = "x-inferq-worker"
+
+
+def usage(finished: Sequence[events.Finished], prompts: int = 1) -> Usage:
+    """Usage of fanned-out jobs: each prompt counts once however many choices it has (as OpenAI counts n)."""
+    per_prompt = len(finished) // prompts
+    prompt = sum(f.prompt_tokens for f in finished[::per_prompt])
+    completion = sum(f.completion_tokens for f in finished)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
+    # run.worker, not the first Started: a re-queued job finishes on another worker.
+    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
 
 
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 from api import errors, fanout, structured
 from api.chat_stream import ChoiceStream, finish_reason
 from api.deps import CatalogDep, DispatcherDep
+from api.fanout import usage, workers_header
 from api.jobs import Dispatcher, JobRun
 from api.protocol.chat import (
     AssistantMessage,
@@ -26,26 +27,11 @@ from api.protocol.chat import (
     ChunkChoice,
     Delta,
     FinishReason,
-    Usage,
 )
 from queueing import events
 from queueing.jobs import Job
 
 router = APIRouter()
-WORKER_HEADER = "x-inferq-worker"
-
-
-def usage(finished: Sequence[events.Finished], prompts: int = 1) -> Usage:
-    """Usage of fanned-out jobs: each prompt counts once however many choices it has (as OpenAI counts n)."""
-    per_prompt = len(finished) // prompts
-    prompt = sum(f.prompt_tokens for f in finished[::per_prompt])
-    completion = sum(f.completion_tokens for f in finished)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
-    # run.worker, not the first Started: a re-queued job finishes on another worker.
-    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
 
 
 def _choice(index: int, plan: structured.Plan, finished: events.Finished) -> Choice:

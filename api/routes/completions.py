@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 
 from api import errors, fanout
 from api.deps import CatalogDep, DispatcherDep
+from api.fanout import usage, workers_header
 from api.jobs import JobRun
 from api.protocol.completions import (
     Completion,
@@ -23,7 +24,6 @@ from api.protocol.completions import (
     CompletionLogprobs,
     CompletionRequest,
 )
-from api.routes.chat import usage, workers_header
 from queueing import events
 from queueing.jobs import Job
 

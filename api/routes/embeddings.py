@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response
 
 from api import errors
 from api.deps import CatalogDep, DispatcherDep
+from api.fanout import WORKER_HEADER
 from api.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
-from api.routes.chat import WORKER_HEADER
 from queueing import events
 from queueing.jobs import Job
 
