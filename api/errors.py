@@ -50,6 +50,22 @@ def no_worker(model: str, waited: float) -> OpenAIError:
     )
 
 
+def model_load_failed(model: str, reason: str) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"The model `{model}` is not loaded on any worker and could not be loaded on demand: {reason}",
+        "service_unavailable_error",
+        "model",
+        "model_not_loaded",
+    )
+
+
+def worker_not_found(worker: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"No live worker is named `{worker}`.", "invalid_request_error", "worker", "worker_not_found"
+    )
+
+
 def worker_lost(worker: str) -> OpenAIError:
     return OpenAIError(
         502,
