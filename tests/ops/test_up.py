@@ -47,7 +47,11 @@ def test_up_serves_the_default_model_and_stops_cleanly() -> None:
             with contextlib.suppress(httpx.HTTPError):  # not listening yet
                 models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
             time.sleep(0.2)
-        assert [m["id"] for m in models] == ["smollm2-135m"]
+        # The default model is served; the catalog's other model is listed as loadable on demand.
+        assert {str(m["id"]): m["status"] for m in models} == {
+            "smollm2-135m": "ready",
+            "gemma3-270m": "unloaded",
+        }
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
