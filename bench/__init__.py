@@ -1,0 +1,1 @@
+"""Benchmarks, run by hand: `.venv/bin/python bench/<name>.py --help`."""
