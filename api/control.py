@@ -97,24 +97,50 @@ class FleetControl:
             await self._send(w, keys.CONTROL_PIN, model=model, pinned=pinned)
         return [w.name for w in targets]
 
-    async def wait_ready(self, model: str, worker: str | None, limit: float) -> list[WorkerInfo]:
-        """Wait until ``model`` is ready (on ``worker`` if given); raises 503 if its load failed."""
+    async def wait_ready(
+        self, model: str, worker: str | None, limit: float, load_when_idle: bool = False
+    ) -> list[WorkerInfo]:
+        """Wait until ``model`` is ready (on ``worker`` if given); raises 503 if its load failed. With
+        ``load_when_idle``, start a load whenever no worker has the model at all (not even loading or
+        unloading), so a request that arrives during an unload is served after a fresh load."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         # A failure reported before this wait began belongs to an earlier attempt (a worker's clock may run a
         # little apart from this one's: a second of slack).
         since = time.time() - 1.0
-        while True:
-            workers = [w for w in await self.workers() if worker in (None, w.name)]
-            ready = [w for w in workers if model in w.models]
-            if ready:
-                return ready
-            failed = [f.message for w in workers if (f := w.load_errors.get(model)) and f.at >= since]
-            if failed and not any(model in w.model_states for w in workers):
-                raise errors.model_load_failed(model, failed[0])
-            if loop.time() >= deadline:
-                raise errors.model_load_failed(model, f"not ready after {limit:g}s")
-            await asyncio.sleep(self._poll)
+        took = False
+        try:
+            while True:
+                workers = [w for w in await self.workers() if worker in (None, w.name)]
+                ready = [w for w in workers if model in w.models]
+                if ready:
+                    return ready
+                busy = any(model in w.model_states for w in workers)
+                failed = [f.message for w in workers if (f := w.load_errors.get(model)) and f.at >= since]
+                if failed and not busy:
+                    raise errors.model_load_failed(model, failed[0])
+                if load_when_idle and not busy and not took:
+                    took = await self._start_load(model)
+                if loop.time() >= deadline:
+                    raise errors.model_load_failed(model, f"not ready after {limit:g}s")
+                await asyncio.sleep(self._poll)
+        finally:
+            if took:
+                await self._r.delete(keys.load_lock_key(model))
+
+    async def _start_load(self, model: str) -> bool:
+        """Load ``model`` on the best capable worker unless another request already does; True if this one
+        did (and holds the lock, one load per model at a time across every API process)."""
+        lock = keys.load_lock_key(model)
+        if not await self._r.set(lock, "1", nx=True, px=int(self.load_timeout * 1000)):
+            return False
+        try:
+            target = await self.load(model)
+        except BaseException:
+            await self._r.delete(lock)
+            raise
+        logger.info("loading %s on demand on %s", model, target.name)
+        return True
 
     async def ensure_ready(self, model: str) -> list[WorkerInfo] | None:
         """Workers ready for ``model``, loading it on demand when a capable worker has it not loaded.
@@ -125,16 +151,4 @@ class FleetControl:
             return ready
         if not any(model in w.model_states or model in w.capable for w in workers):
             return None
-        took = False
-        if not any(model in w.model_states for w in workers):
-            # One load per model at a time, whichever API process and request asks first.
-            lock = keys.load_lock_key(model)
-            took = bool(await self._r.set(lock, "1", nx=True, px=int(self.load_timeout * 1000)))
-            if took:
-                target = await self.load(model)
-                logger.info("loading %s on demand on %s", model, target.name)
-        try:
-            return await self.wait_ready(model, None, self.load_timeout)
-        finally:
-            if took:
-                await self._r.delete(keys.load_lock_key(model))
+        return await self.wait_ready(model, None, self.load_timeout, load_when_idle=True)

@@ -126,6 +126,11 @@ class JobStore:
     def assigned_to(self, worker: str) -> list[str]:
         return [text(m) for m in self._r.smembers(keys.worker_assigned_key(worker))]
 
+    def is_waiting(self, job: Job) -> bool:
+        """The job is queued and this is its current attempt (not finished, cancelled or superseded)."""
+        state, attempt = self._r.hmget(keys.job_key(job.id), ["state", "attempt"])
+        return state is not None and text(state) == JobState.QUEUED and int(attempt or 0) == job.attempt
+
     def unroute(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_assigned_key(worker)]
         return bool(self._unroute(keys=keys_, args=[worker, job.id]))

@@ -121,6 +121,12 @@ def test_request_for_an_unloaded_model_loads_it_on_demand(fleet: Fleet) -> None:
     assert card(fleet, "gemma3-270m")["status"] == "ready"
 
 
+def test_request_during_an_unload_is_served_after_a_fresh_load(fleet: Fleet) -> None:
+    within(5, lambda: card(fleet, "gemma3-270m").get("status") == "ready")
+    post(fleet, "gemma3-270m/unload")
+    assert chat(fleet, "gemma3-270m").status_code == 200
+
+
 def test_model_that_cannot_load_is_503_with_the_reason(fleet: Fleet) -> None:
     body = {"model": "broken", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     r = httpx.post(f"{fleet.base_url}/v1/chat/completions", json=body, timeout=60)

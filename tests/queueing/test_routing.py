@@ -118,6 +118,8 @@ def test_claim_unroute_heal_and_reaper_keep_counts_true(
     run(redis_server.url, route_all)
     assert store.claim(jobs[0], "a")  # claimed: counted in :jobs, no longer in :assigned
     assert redis_client.scard(keys.worker_assigned_key("a")) == 3
+    assert store.is_waiting(jobs[1]) and not store.is_waiting(jobs[0])  # jobs[0] runs
+    assert not store.is_waiting(jobs[1].model_copy(update={"attempt": 2}))
     assert store.unroute(jobs[1], "a")  # model gone here: back to routing
     redis_client.delete(keys.job_key(jobs[2].id))  # record expired
     assert store.heal_assigned("a") == 1
