@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from queueing.catalog import ModelSpec
+from queueing.jobs import Sampling
 
 logger = logging.getLogger(__name__)
 _seen_unknown: set[tuple[str, str]] = set()
@@ -44,3 +47,38 @@ def check_stops(value: str | list[str] | None) -> list[str]:
     if any(not s for s in stops):
         raise ValueError("stop sequences must not be empty")
     return stops
+
+
+class SamplingRequest(OpenAIBaseModel):
+    """The sampling fields chat and completions share, and their conversion into the queue's neutral
+    sampling values (with the catalog model's defaults for what the request leaves unset)."""
+
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, description="Same seed, same parameters: the same output.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+
+    # --- inferq extensions (as vLLM accepts them) ---
+    top_k: int | None = Field(None, ge=0, description="Sample from the k most likely tokens; 0 disables.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+
+    _stops = field_validator("stop")(check_stops)
+
+    def sampling(self, spec: ModelSpec, max_tokens: int, **extra: Any) -> Sampling:
+        d = spec.defaults
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=d.temperature if self.temperature is None else self.temperature,
+            top_p=d.top_p if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            stop=self.stop if isinstance(self.stop, list) else [],
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
+            **extra,
+        )

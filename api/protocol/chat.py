@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_serializer, field_validator
+from pydantic import BaseModel, Field, field_serializer
 
-from api.protocol.base import OpenAIBaseModel, StreamOptions, Usage, check_stops
+from api.protocol.base import OpenAIBaseModel, SamplingRequest, StreamOptions, Usage
 from api.protocol.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolCallParam, ToolChoice
 from queueing import events
 from queueing.catalog import ModelSpec
@@ -36,50 +36,28 @@ class ChatMessageParam(OpenAIBaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(OpenAIBaseModel):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageParam] = Field(min_length=1, description="The conversation so far.")
     model: str = Field(description="A model id from GET /v1/models.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     n: int = Field(1, ge=1, le=16, description="Choices to generate (one job each, seeds seed+i).")
     parallel_tool_calls: bool | None = Field(None, description="Accepted; at most one call is made.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = Field(
         None, description="`json_object` or `json_schema`: output constrained to valid JSON."
     )
-    seed: int | None = Field(None, description="Same seed, same parameters: the same output.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
     tool_choice: ToolChoice | None = Field(None, description="`auto` (default with tools), `none`, ...")
     tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; needs logprobs.")
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
     user: str | None = None
 
-    # --- inferq extensions (as vLLM accepts them) ---
-    top_k: int | None = Field(None, ge=0, description="Sample from the k most likely tokens; 0 disables.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-
-    _stops = field_validator("stop")(check_stops)
-
     def to_sampling(self, spec: ModelSpec, json_schema: dict[str, Any] | None) -> Sampling:
-        d = spec.defaults
-        return Sampling(
-            max_tokens=self.max_completion_tokens or self.max_tokens or d.max_tokens or spec.context_length,
-            temperature=d.temperature if self.temperature is None else self.temperature,
-            top_p=d.top_p if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            stop=self.stop if isinstance(self.stop, list) else [],
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            ignore_eos=self.ignore_eos,
+        return self.sampling(
+            spec,
+            self.max_completion_tokens or self.max_tokens or spec.defaults.max_tokens or spec.context_length,
             json_schema=json_schema,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
