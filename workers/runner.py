@@ -82,12 +82,13 @@ class JobRunner:
             return
         channel = keys.stream_channel(job.id)
         self.stats.job_started()
-        ok = False
+        # What the job counts for in this worker's stats, reported once whichever way it ends.
+        ok, tokens, decode_seconds = False, 0, 0.0
         try:
             if job.kind == "embedding":
                 self._embed(job, channel)
             else:
-                self._generate(job, channel)
+                tokens, decode_seconds = self._generate(job, channel)
             ok = True
         except ContextLengthExceeded as exc:
             param = {"chat": "messages", "completion": "prompt", "embedding": "input"}[job.kind]
@@ -101,10 +102,10 @@ class JobRunner:
             logger.exception("job %s failed", job.id)
             self._fail(job, channel, 500, f"generation failed: {exc}", "server_error", None, None)
         finally:
-            if not ok:
-                self.stats.job_finished(ok=False)
+            self.stats.job_finished(ok, tokens, decode_seconds)
 
-    def _generate(self, job: Job, channel: str) -> None:
+    def _generate(self, job: Job, channel: str) -> tuple[int, float]:
+        """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
         engine = self._models.get(job.model)
         started = time.monotonic()
         first_token_at: float | None = None
@@ -134,7 +135,6 @@ class JobRunner:
         reason = last.finish_reason or "stop"
         text = "".join(parts)
         decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
-        self.stats.job_finished(ok=True, tokens=last.completion_tokens, decode_seconds=decode)
         self._store.finish(
             job,
             self.worker,
@@ -155,14 +155,14 @@ class JobRunner:
                 logprobs=None if job.stream else logprobs,
             ),
         )
+        return last.completion_tokens, decode
 
     def _embed(self, job: Job, channel: str) -> None:
         engine: Engine = self._models.get(job.model)
         if not isinstance(engine, Embedder):
             raise UnsupportedRequest(f"The {engine.name} engine of `{job.model}` cannot embed.", "model")
-        result = engine.embed(job.inputs)
         # No tokens are generated: nothing to add to the speed averages that routing reads.
-        self.stats.job_finished(ok=True)
+        result = engine.embed(job.inputs)
         self._publish(
             channel,
             events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=result.prompt_tokens),
