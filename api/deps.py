@@ -7,8 +7,9 @@ from typing import Annotated, cast
 import redis.asyncio as aredis
 from fastapi import Depends, Request
 
+from api import errors
 from api.jobs import Dispatcher
-from queueing.catalog import Catalog
+from queueing.catalog import Catalog, ModelSpec
 
 
 def _dispatcher(request: Request) -> Dispatcher:
@@ -26,3 +27,11 @@ def _redis(request: Request) -> aredis.Redis:
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 RedisDep = Annotated[aredis.Redis, Depends(_redis)]
+
+
+def model_spec(catalog: Catalog, model: str) -> ModelSpec:
+    """The catalog entry of a requested model, or the OpenAI 404 every route answers for an unknown one."""
+    spec = catalog.get(model)
+    if spec is None:
+        raise errors.model_not_found(model)
+    return spec

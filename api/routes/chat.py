@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from api import errors, fanout, structured
 from api.chat_stream import ChoiceStream, finish_reason
-from api.deps import CatalogDep, DispatcherDep
+from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.fanout import usage, workers_header
 from api.jobs import Dispatcher, JobRun
 from api.protocol.chat import (
@@ -51,9 +51,7 @@ def _choice(index: int, plan: structured.Plan, finished: events.Finished) -> Cho
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    spec = catalog.get(body.model)
-    if spec is None:
-        raise errors.model_not_found(body.model)
+    spec = model_spec(catalog, body.model)
     plan = structured.plan(body)
     sampling = body.to_sampling(spec, plan.json_schema)
     jobs = [

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from api import errors, fanout
-from api.deps import CatalogDep, DispatcherDep
+from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.fanout import usage, workers_header
 from api.jobs import JobRun
 from api.protocol.completions import (
@@ -51,9 +51,7 @@ def _finish_reason(finished: events.Finished) -> CompletionFinishReason:
 async def create_completion(
     body: CompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    spec = catalog.get(body.model)
-    if spec is None:
-        raise errors.model_not_found(body.model)
+    spec = model_spec(catalog, body.model)
     if body.suffix:
         raise errors.invalid_request("`suffix` is not supported.", "suffix", "unsupported_value")
     if body.echo and body.logprobs is not None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api import errors
-from api.deps import CatalogDep, DispatcherDep
+from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.fanout import WORKER_HEADER
 from api.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from queueing import events
@@ -36,9 +36,7 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    spec = catalog.get(body.model)
-    if spec is None:
-        raise errors.model_not_found(body.model)
+    spec = model_spec(catalog, body.model)
     if not spec.embeddings:
         raise errors.invalid_request(
             f"The model `{body.model}` does not serve embeddings.", "model", "model_not_supported"

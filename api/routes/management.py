@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import CatalogDep, DispatcherDep, RedisDep
-from api.errors import model_not_found
+from api.deps import CatalogDep, DispatcherDep, RedisDep, model_spec
 from api.protocol.fleet import (
     LoadRequest,
     ModelAction,
@@ -21,7 +20,6 @@ from api.protocol.fleet import (
     WorkerView,
 )
 from queueing import keys, registry
-from queueing.catalog import Catalog
 
 router = APIRouter(prefix="/v1/system", tags=["management"])
 
@@ -31,11 +29,6 @@ async def _depth(client: RedisDep, queue: str) -> int:
         for key in keys.queue_list_keys(queue):
             pipe.llen(key)
         return sum(await pipe.execute())
-
-
-def _known(catalog: Catalog, model: str) -> None:
-    if catalog.get(model) is None:
-        raise model_not_found(model)
 
 
 @router.get("/workers", response_model=WorkerList)
@@ -95,7 +88,7 @@ async def queues(client: RedisDep, catalog: CatalogDep) -> QueueList:
 
 @router.post("/models/{model}/load", response_model=ModelAction, status_code=202)
 async def load(model: str, body: LoadRequest, catalog: CatalogDep, dispatcher: DispatcherDep) -> ModelAction:
-    _known(catalog, model)
+    model_spec(catalog, model)
     target = await dispatcher.fleet.load(model, body.worker, body.pinned, body.keep_alive)
     if body.wait:
         await dispatcher.fleet.wait_ready(model, target.name, dispatcher.fleet.load_timeout)
@@ -107,13 +100,13 @@ async def load(model: str, body: LoadRequest, catalog: CatalogDep, dispatcher: D
 async def unload(
     model: str, body: UnloadRequest, catalog: CatalogDep, dispatcher: DispatcherDep
 ) -> ModelAction:
-    _known(catalog, model)
+    model_spec(catalog, model)
     names = await dispatcher.fleet.unload(model, body.worker)
     return ModelAction(model=model, action="unload", workers=names, state="unloading" if names else None)
 
 
 @router.post("/models/{model}/pin", response_model=ModelAction)
 async def pin(model: str, body: PinRequest, catalog: CatalogDep, dispatcher: DispatcherDep) -> ModelAction:
-    _known(catalog, model)
+    model_spec(catalog, model)
     names = await dispatcher.fleet.pin(model, body.worker, body.pinned)
     return ModelAction(model=model, action="pin" if body.pinned else "unpin", workers=names)
