@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from ops.batch_cli import batch
 from queueing.settings import get_settings
 
 
@@ -145,6 +146,8 @@ def prepare(model: str, engine: str, python: str | None, force: bool) -> None:
     except PrepareError as exc:
         raise click.ClickException(str(exc)) from exc
 
+
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()
