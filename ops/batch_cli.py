@@ -66,11 +66,16 @@ def prepare_lines(text: str, model: str | None, endpoint: str | None) -> tuple[b
 
     Bare request bodies become full lines with ``custom_id`` ``line-<n>`` (the 1-based line in ``text``);
     ``model`` overrides every body's model. Lines that are not JSON objects go through unchanged, for the
-    server to report. Blank lines are dropped.
+    server to report. Blank lines stay (empty) so that the server's line numbers are the file's.
     """
     parsed: list[tuple[int, str, object]] = []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" alone, as the server does: str.splitlines() would also split inside JSON strings (U+2028).
+    raws = text.split("\n")
+    if raws[-1] == "":
+        raws.pop()
+    for n, raw in enumerate(raws, start=1):
         if not raw.strip():
+            parsed.append((n, "", None))
             continue
         try:
             parsed.append((n, raw, json.loads(raw)))

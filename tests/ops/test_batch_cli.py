@@ -19,7 +19,7 @@ from ops.cli import main
 
 
 def _lines(data: bytes) -> list[Any]:
-    return [json.loads(line) for line in data.decode().splitlines()]
+    return [json.loads(line) for line in data.decode().split("\n") if line]
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -43,6 +43,19 @@ def test_bare_bodies_become_full_lines_numbered_by_their_line() -> None:
             "body": {"messages": [], "model": "m"},
         },
     ]
+    # Blank lines stay, emptied, so that the server's line numbers in its errors are the file's.
+    assert data.decode().split("\n")[1:4] == [
+        "",
+        "",
+        '{"custom_id": "line-4", "method": "POST", '
+        '"url": "/v1/chat/completions", "body": {"messages": [], "model": "m"}}',
+    ]
+    assert data.endswith(b"}\n")
+
+
+def test_lines_are_split_on_newlines_only() -> None:
+    data, _ = prepare_lines('{"prompt": "a\u2028b"}\r\n{"prompt": "c"}', "m", "/v1/completions")
+    assert [line["body"]["prompt"] for line in _lines(data)] == ["a\u2028b", "c"]
 
 
 def test_full_lines_are_kept_and_the_first_one_names_the_endpoint() -> None:
