@@ -14,9 +14,11 @@ import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, Request
 
 from api import auth, errors
+from api.files import Files
+from api.filestore import LocalFileStore
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
-from api.routes import chat, completions, embeddings, management, metrics, models, system
+from api.routes import chat, completions, embeddings, files, management, metrics, models, system
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         app.state.dispatcher = Dispatcher(
             client, hub, celery, Limits.from_settings(settings), catalog, settings
         )
+        app.state.files = Files(client, LocalFileStore(settings.files_dir), settings.file_max_bytes)
         try:
             yield
         finally:
@@ -54,7 +57,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
-    for module in (chat, completions, embeddings, models, system, management, metrics):
+    for module in (chat, completions, embeddings, models, files, system, management, metrics):
         app.include_router(module.router)
     keys = auth.Keys.from_settings(settings)
     if keys is not None:

@@ -8,6 +8,7 @@ import redis.asyncio as aredis
 from fastapi import Depends, Request
 
 from api import errors
+from api.files import Files
 from api.jobs import Dispatcher
 from queueing.catalog import Catalog, ModelSpec
 
@@ -24,9 +25,14 @@ def _redis(request: Request) -> aredis.Redis:
     return cast(aredis.Redis, request.app.state.redis)
 
 
+def _files(request: Request) -> Files:
+    return cast(Files, request.app.state.files)
+
+
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 RedisDep = Annotated[aredis.Redis, Depends(_redis)]
+FilesDep = Annotated[Files, Depends(_files)]
 
 
 def model_spec(catalog: Catalog, model: str) -> ModelSpec:

@@ -39,6 +39,22 @@ def model_not_found(model: str) -> OpenAIError:
     )
 
 
+def file_not_found(file_id: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"No such File object: {file_id}", "invalid_request_error", "file_id", "file_not_found"
+    )
+
+
+def file_too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"The file is larger than the {limit} bytes this server accepts.",
+        "invalid_request_error",
+        "file",
+        "file_too_large",
+    )
+
+
 def no_worker(model: str, waited: float) -> OpenAIError:
     return OpenAIError(
         503,
@@ -89,6 +105,7 @@ def client_closed() -> OpenAIError:
 
 # Pydantic names the union branch it tried in an error's location ("str", "list[TextPart]", …).
 _BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_SOURCES = {"body", "query", "path", "header", "cookie"}
 
 
 def _is_field(part: int | str) -> bool:
@@ -96,7 +113,10 @@ def _is_field(part: int | str) -> bool:
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:
-    parts = [p for p in loc if p != "body" and _is_field(p)]
+    # The first part says where the field came from (body, query, …); OpenAI names only the field.
+    if loc and loc[0] in _SOURCES:
+        loc = loc[1:]
+    parts = [p for p in loc if _is_field(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
