@@ -14,11 +14,13 @@ import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, Request
 
 from api import auth, errors
+from api.batches.driver import BatchDriver
+from api.batches.store import BatchStore
 from api.files import Files
 from api.filestore import LocalFileStore
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
-from api.routes import chat, completions, embeddings, files, management, metrics, models, system
+from api.routes import batches, chat, completions, embeddings, files, management, metrics, models, system
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
@@ -48,16 +50,22 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             client, hub, celery, Limits.from_settings(settings), catalog, settings
         )
         app.state.files = Files(client, LocalFileStore(settings.files_dir), settings.file_max_bytes)
+        # Every API process drives batches: whichever holds a batch's lease feeds its lines to the fleet.
+        app.state.batches = BatchDriver(
+            BatchStore(client), app.state.files, app.state.dispatcher, catalog, settings
+        )
+        app.state.batches.start()
         try:
             yield
         finally:
+            await app.state.batches.stop()
             await hub.close()
             await client.aclose()
             celery.close()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
-    for module in (chat, completions, embeddings, models, files, system, management, metrics):
+    for module in (chat, completions, embeddings, models, files, batches, system, management, metrics):
         app.include_router(module.router)
     keys = auth.Keys.from_settings(settings)
     if keys is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -128,15 +129,19 @@ async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def invalid_body(problems: Sequence[Any]) -> OpenAIError:
+    """The 400 for a request body that fails validation (pydantic's error list), naming the first field."""
+    first = problems[0]
+    if first.get("type") == "json_invalid":
+        return invalid_request(f"The body is not valid JSON: {first.get('msg')}", None, "invalid_json")
+    param = _param(tuple(first.get("loc", ())))
+    where = f" at `{param}`" if param else ""
+    return invalid_request(f"{first.get('msg')}{where}", param, "invalid_value")
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        err = invalid_request(f"The body is not valid JSON: {first.get('msg')}", None, "invalid_json")
-    else:
-        param = _param(tuple(first.get("loc", ())))
-        where = f" at `{param}`" if param else ""
-        err = invalid_request(f"{first.get('msg')}{where}", param, "invalid_value")
+    err = invalid_body(exc.errors())
     return JSONResponse(err.body(), status_code=400)
 
 

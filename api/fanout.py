@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from api.jobs import Disconnected, Dispatcher, JobRun
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
 from api.protocol.base import Usage
 from queueing import events
 from queueing.jobs import Job
 
 T = TypeVar("T")
 WORKER_HEADER = "x-inferq-worker"
+# Names the jobs of one request: job index -> job id. Batch lines name theirs after the line, so that an API
+# process taking over a batch finds the jobs already running; requests leave the ids random.
+JobIds = Callable[[int], str]
 
 
 def usage(finished: Sequence[events.Finished], prompts: int = 1) -> Usage:
@@ -46,10 +49,14 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
 
 
 async def start_all(
-    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected, stack: contextlib.AsyncExitStack
+    dispatcher: Dispatcher,
+    jobs: Sequence[Job],
+    disconnected: Disconnected | None,
+    stack: contextlib.AsyncExitStack,
+    options: RunOptions = INTERACTIVE,
 ) -> list[JobRun]:
     """Enqueue every job and wait until each was accepted; the runs close with ``stack``."""
-    runs = [await stack.enter_async_context(dispatcher.run(job, disconnected)) for job in jobs]
+    runs = [await stack.enter_async_context(dispatcher.run(job, disconnected, options)) for job in jobs]
     await gather_or_cancel(*(run.start() for run in runs))
     return runs
 
@@ -95,3 +102,22 @@ async def merged(runs: Sequence[JobRun]) -> AsyncIterator[tuple[int, events.Delt
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def complete_all(
+    dispatcher: Dispatcher,
+    jobs: Sequence[Job],
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+) -> tuple[list[events.Finished], list[JobRun]]:
+    """Run non-streamed jobs to their end: the end of each, in order, and the runs (closed by then)."""
+    async with contextlib.AsyncExitStack() as stack:
+        runs = await start_all(dispatcher, jobs, disconnected, stack, options)
+        finished = await finish_all(runs)
+    return finished, runs
+
+
+def named(jobs: list[Job], job_ids: JobIds | None) -> list[Job]:
+    if job_ids is None:
+        return jobs
+    return [job.model_copy(update={"id": job_ids(i)}) for i, job in enumerate(jobs)]

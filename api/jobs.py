@@ -22,7 +22,7 @@ from api.streams import StreamHub, Subscription
 from queueing import events, registry
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
-from queueing.jobs import Job, JobState
+from queueing.jobs import Job, JobState, Priority
 from queueing.jobstore import AsyncJobStore
 from queueing.routing import Router
 from queueing.settings import Settings
@@ -61,6 +61,26 @@ class Limits:
         return cls(s.request_timeout, s.no_worker_timeout, min(s.heartbeat_interval, 0.5))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How one job is run; the defaults are an interactive request's. Batch lines (api/batches) differ."""
+
+    priority: Priority = "interactive"
+    # None: the request's header, the catalog's mode, then the default.
+    routing: Routing | None = None
+    # None: the dispatcher's limits.
+    limits: Limits | None = None
+    # Follow the job if its record exists (a batch line that a restarted API process takes over) instead of
+    # submitting it again.
+    resume: bool = False
+    # Cancel the job when the run ends unfinished (the client left). A batch line's job outlives its API
+    # process: the next process follows it.
+    cancel_on_exit: bool = True
+
+
+INTERACTIVE = RunOptions()
+
+
 class Dispatcher:
     """Puts jobs on their model's queue and hands back a ``JobRun`` to follow each one."""
 
@@ -79,7 +99,7 @@ class Dispatcher:
         self.limits = limits
         self.catalog = catalog
         self.default_routing = parse_routing(settings.routing) or "queue"
-        self.store = AsyncJobStore(client, ttl=limits.request_timeout + 3600)
+        self.store = AsyncJobStore(client)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
         fresh = 2 * settings.heartbeat_interval
         self.router = Router(client, fresh, settings.route_explore)
@@ -92,40 +112,56 @@ class Dispatcher:
         spec = self.catalog.get(model)
         return requested_routing.get() or (spec.routing if spec else None) or self.default_routing
 
-    async def candidates(self, model: str) -> list[registry.WorkerInfo]:
+    async def candidates(self, model: str, limits: Limits | None = None) -> list[registry.WorkerInfo]:
         """Fresh workers ready for ``model``: loaded on demand if need be, waited for (bounded) if none
         could serve it yet; a 503 when none appears."""
+        limits = limits or self.limits
         ready = await self.fleet.ensure_ready(model)
         if ready:
             return ready
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.no_worker_timeout
+        deadline = loop.time() + limits.no_worker_timeout
         while loop.time() < deadline:
-            await asyncio.sleep(self.limits.poll)
+            await asyncio.sleep(limits.poll)
             ready = await self.fleet.ensure_ready(model)
             if ready:
                 return ready
-        raise errors.no_worker(model, self.limits.no_worker_timeout)
+        raise errors.no_worker(model, limits.no_worker_timeout)
 
     @contextlib.asynccontextmanager
-    async def run(self, job: Job, disconnected: Disconnected | None = None) -> AsyncIterator[JobRun]:
-        workers = await self.candidates(job.model)
-        strategy = self.routing_for(job.model)
+    async def run(
+        self, job: Job, disconnected: Disconnected | None = None, options: RunOptions = INTERACTIVE
+    ) -> AsyncIterator[JobRun]:
+        limits = options.limits or self.limits
+        job = job.model_copy(update={"priority": options.priority})
+        workers = await self.candidates(job.model, limits)
         async with self.hub.subscribe(job.id) as sub:
-            await self.store.create(job)
-            target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job))
-            # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
-            # thread would (which also shows in time to first token on a busy machine). No target: the
-            # model's shared queue, where every worker with the model pulls.
-            enqueue(self.celery, job, worker=target)
-            jr = JobRun(self, job, sub, disconnected)
+            live = False
+            if options.resume:
+                attempt, live = await self.store.resume_point(job.id)
+                job = job.model_copy(update={"attempt": attempt})
+            if not live:
+                await self._submit(job, workers, options, limits)
+            jr = JobRun(self, job, sub, disconnected, limits, attempt=job.attempt)
             try:
                 yield jr
             finally:
                 await jr.close()
-                if not jr.finished:
+                if not jr.finished and options.cancel_on_exit:
                     # The client left or the request failed: stop the worker spending time on it.
                     await asyncio.shield(self.store.cancel(job.id))
+
+    async def _submit(
+        self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits
+    ) -> None:
+        strategy = options.routing or self.routing_for(job.model)
+        # The record outlives the longest wait for it by an hour, so a late worker still finds it.
+        await self.store.create(job, ttl=limits.request_timeout + 3600)
+        target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job))
+        # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
+        # thread would (which also shows in time to first token on a busy machine). No target: the
+        # model's shared queue, where every worker with the model pulls.
+        enqueue(self.celery, job, worker=target)
 
 
 def _expected_tokens(job: Job) -> int:
@@ -140,6 +176,7 @@ class JobRun:
     job: Job
     sub: Subscription
     disconnected: Disconnected | None
+    limits: Limits
     attempt: int = 1
     worker: str | None = None
     finished: bool = False
@@ -179,12 +216,12 @@ class JobRun:
 
     async def _events(self) -> AsyncGenerator[events.Event]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.dispatcher.limits.request_timeout
+        deadline = loop.time() + self.limits.request_timeout
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise errors.timed_out(self.dispatcher.limits.request_timeout)
-            raw = await self.sub.get(min(self.dispatcher.limits.poll, remaining))
+                raise errors.timed_out(self.limits.request_timeout)
+            raw = await self.sub.get(min(self.limits.poll, remaining))
             event = events.decode(raw) if raw is not None else await self._watchdog()
             if event is None or event.attempt < self.attempt:
                 continue
@@ -244,8 +281,8 @@ class JobRun:
             self._no_worker_since = None
             return
         self._no_worker_since = self._no_worker_since or loop.time()
-        if loop.time() - self._no_worker_since >= self.dispatcher.limits.no_worker_timeout:
-            raise errors.no_worker(self.job.model, self.dispatcher.limits.no_worker_timeout)
+        if loop.time() - self._no_worker_since >= self.limits.no_worker_timeout:
+            raise errors.no_worker(self.job.model, self.limits.no_worker_timeout)
 
     def _replay_finished(self, record: dict[str, str], attempt: int) -> events.Event:
         """The Finished event was lost (pub/sub is at-most-once): rebuild it from the job record."""

@@ -57,5 +57,6 @@ def enqueue(app: Celery, job: Job, worker: str | None = None) -> None:
         args=[job.model_dump(mode="json")],
         queue=queue,
         task_id=f"{job.id}.{job.attempt}",
+        priority=keys.BATCH_PRIORITY if job.priority == "batch" else keys.INTERACTIVE_PRIORITY,
         retry=False,
     )

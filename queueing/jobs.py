@@ -41,6 +41,9 @@ class Sampling(BaseModel):
 
 
 JobKind = Literal["chat", "completion", "embedding"]
+# Batch lines queue behind interactive requests (keys.BATCH_PRIORITY); kept on the job so that a re-queue
+# after a worker died keeps the line's priority.
+Priority = Literal["interactive", "batch"]
 
 
 class Job(BaseModel):
@@ -55,6 +58,7 @@ class Job(BaseModel):
     inputs: list[str] | list[list[int]] = []
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = False
+    priority: Priority = "interactive"
     # Bumped each time the job is re-queued after its worker died; a delivery whose attempt is not the
     # job's current one is stale and is dropped, which deduplicates broker redeliveries.
     attempt: int = 1

@@ -166,12 +166,12 @@ class JobStore:
 class AsyncJobStore:
     """API side (asyncio)."""
 
-    def __init__(self, client: aredis.Redis, ttl: float) -> None:
+    def __init__(self, client: aredis.Redis, ttl: float = 4200.0) -> None:
         self._r = client
-        self._ttl = int(ttl)
+        self._ttl = ttl
         self._cancel = client.register_script(_CANCEL)
 
-    async def create(self, job: Job) -> None:
+    async def create(self, job: Job, ttl: float | None = None) -> None:
         key = keys.job_key(job.id)
         mapping: dict[FieldT, EncodableT] = {
             "state": JobState.QUEUED.value,
@@ -182,8 +182,19 @@ class AsyncJobStore:
         }
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self._ttl)
+            pipe.expire(key, int(ttl or self._ttl))
             await pipe.execute()
+
+    async def resume_point(self, job_id: str) -> tuple[int, bool]:
+        """Where a job whose record may already exist stands: the attempt to use, and whether that attempt
+        is live (queued, running or ended) and only needs following. A missing or cancelled job is submitted
+        again, as a new attempt so that a stale message of the old one is dropped at claim."""
+        state, attempt = await self._r.hmget(keys.job_key(job_id), ["state", "attempt"])
+        if state is None:
+            return 1, False
+        if text(state) == JobState.CANCELLED:
+            return int(attempt or 0) + 1, False
+        return int(attempt or 1), True
 
     async def get(self, job_id: str) -> dict[str, str]:
         raw = await self._r.hgetall(keys.job_key(job_id))

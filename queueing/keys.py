@@ -7,6 +7,11 @@ PREFIX = "inferq"
 # Celery task names: the API enqueues by name so it never imports worker code.
 GENERATE_TASK = "inferq.generate"
 
+# Message priorities on the Redis transport, where 0 is served first: a worker pops every queue's priority-0
+# list before any lower-priority list, so a batch line never waits in front of an interactive request.
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 9
+
 # One shared queue per model; workers consume the queues of the models they have loaded. Every worker also
 # consumes a queue of its own, which the routing strategies other than `queue` send to.
 MODEL_QUEUE_PREFIX = f"{PREFIX}.model."
@@ -38,6 +43,18 @@ LOAD_LOCK_PREFIX = f"{PREFIX}:lock:load:"
 JOB_PREFIX = f"{PREFIX}:job:"
 STREAM_PREFIX = f"{PREFIX}:stream:"
 REAP_LOCK_PREFIX = f"{PREFIX}:lock:reap:"
+
+# Files API: one metadata hash per file (the bytes live in the file store) and an index by creation time.
+FILE_PREFIX = f"{PREFIX}:file:"
+FILES_INDEX = f"{PREFIX}:files"
+
+# Batch API: one record per batch, an index by creation time, the set of batches not yet finished (which the
+# API processes drive), per batch its line results and the jobs its lines run as, and a lease per batch so
+# that one API process drives it at a time.
+BATCH_PREFIX = f"{PREFIX}:batch:"
+BATCHES_INDEX = f"{PREFIX}:batches"
+BATCHES_ACTIVE = f"{PREFIX}:batches:active"
+BATCH_LEASE_PREFIX = f"{PREFIX}:lock:batch:"
 
 
 def model_queue(model: str) -> str:
@@ -89,3 +106,25 @@ def stream_channel(request_id: str) -> str:
 
 def reap_lock_key(worker: str) -> str:
     return f"{REAP_LOCK_PREFIX}{worker}"
+
+
+def file_key(file_id: str) -> str:
+    return f"{FILE_PREFIX}{file_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_results_key(batch_id: str) -> str:
+    """Line index -> the line's result (an output or error line), written once."""
+    return f"{BATCH_PREFIX}{batch_id}:results"
+
+
+def batch_jobs_key(batch_id: str) -> str:
+    """Line index -> the id of the job the line runs as, so a restarted API follows it, not reruns it."""
+    return f"{BATCH_PREFIX}{batch_id}:jobs"
+
+
+def batch_lease_key(batch_id: str) -> str:
+    return f"{BATCH_LEASE_PREFIX}{batch_id}"

@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     worker_memory_budget: int = Field(
         0, ge=0, description="Bytes of model weights loaded at once (file sizes); 0: no limit."
     )
+    # Files and batches (api/files.py, api/batches/).
+    files_dir: Path = Field(
+        Path("~/.local/share/inferq/files"),
+        description="Where uploaded files and batch results are kept (metadata is in Redis).",
+    )
+    file_max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest file `POST /v1/files` accepts.")
+    batch_max_in_flight: int = Field(
+        16, gt=0, description="Most lines of one batch queued or running at once; the rest wait in the file."
+    )
+    batch_no_worker_timeout: float = Field(
+        600.0, description="How long a batch line waits for a worker that serves its model before it fails."
+    )
     llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
 
     def model_list(self) -> list[str]:

@@ -32,6 +32,7 @@ class Fleet:
             "INFERQ_REQUEST_TIMEOUT": "60",
             # Several workers share 2 cores here; llama.cpp threads that outnumber cores spin and crawl.
             "INFERQ_LLAMACPP_THREADS": "1",
+            "INFERQ_FILES_DIR": str(tmp / "files"),
             **env,
         }
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -64,6 +65,12 @@ class Fleet:
         self._until(
             lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up"
         )
+
+    def kill_api(self, sig: int = signal.SIGKILL) -> None:
+        assert self.api is not None
+        self.api.send_signal(sig)
+        self.api.wait(timeout=30)
+        self.api = None
 
     def start_worker(
         self,

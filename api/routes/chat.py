@@ -16,7 +16,7 @@ from api import errors, fanout, structured
 from api.chat_stream import ChoiceStream, finish_reason
 from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.fanout import usage, workers_header
-from api.jobs import Dispatcher, JobRun
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
 from api.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -29,6 +29,7 @@ from api.protocol.chat import (
     FinishReason,
 )
 from queueing import events
+from queueing.catalog import ModelSpec
 from queueing.jobs import Job
 
 router = APIRouter()
@@ -47,11 +48,10 @@ def _choice(index: int, plan: structured.Plan, finished: events.Finished) -> Cho
     )
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
-) -> Response:
-    spec = model_spec(catalog, body.model)
+def chat_jobs(
+    body: ChatCompletionRequest, spec: ModelSpec, job_ids: fanout.JobIds | None = None
+) -> tuple[structured.Plan, list[Job]]:
+    """The jobs of one chat request: one per choice."""
     plan = structured.plan(body)
     sampling = body.to_sampling(spec, plan.json_schema)
     jobs = [
@@ -64,17 +64,38 @@ async def create_chat_completion(
         )
         for i in range(body.n)
     ]
-    if body.stream:
-        return await _stream(body, plan, dispatcher, jobs, request)
-    async with contextlib.AsyncExitStack() as stack:
-        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
-        finished = await fanout.finish_all(runs)
+    return plan, fanout.named(jobs, job_ids)
+
+
+async def complete(
+    body: ChatCompletionRequest,
+    spec: ModelSpec,
+    dispatcher: Dispatcher,
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+    job_ids: fanout.JobIds | None = None,
+) -> tuple[ChatCompletion, list[JobRun]]:
+    """A non-streamed chat completion, start to end (the route's and a batch line's)."""
+    plan, jobs = chat_jobs(body, spec, job_ids)
+    finished, runs = await fanout.complete_all(dispatcher, jobs, disconnected, options)
     completion = ChatCompletion(
         id=jobs[0].id,
         model=body.model,
         choices=[_choice(i, plan, f) for i, f in enumerate(finished)],
         usage=usage(finished),
     )
+    return completion, runs
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
+) -> Response:
+    spec = model_spec(catalog, body.model)
+    if body.stream:
+        plan, jobs = chat_jobs(body, spec)
+        return await _stream(body, plan, dispatcher, jobs, request)
+    completion, runs = await complete(body, spec, dispatcher, request.is_disconnected)
     return JSONResponse(completion.model_dump(mode="json"), headers=workers_header(runs))
 
 

