@@ -39,8 +39,15 @@ class LlamaCppEngine:
             raise EngineError(f"GGUF file not found: {model_path}")
         self._model_path = model_path
         self._n_threads = n_threads or os.cpu_count()
+        # n_threads_batch too: llama-cpp-python defaults it to every core, so prompt evaluation ignored the
+        # thread setting, and workers sharing a machine oversubscribed it (spinning ggml threads then stall
+        # each other for seconds).
         self._llm = llama_cpp.Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_threads=self._n_threads, verbose=False
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=self._n_threads,
+            n_threads_batch=self._n_threads,
+            verbose=False,
         )
         self._n_ctx = self._llm.n_ctx()
         # llama.cpp embeds only with a context created for it; made on the first embedding job, so a worker
@@ -210,6 +217,7 @@ class LlamaCppEngine:
                 n_batch=self._n_ctx,
                 n_ubatch=self._n_ctx,
                 n_threads=self._n_threads,
+                n_threads_batch=self._n_threads,
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 verbose=False,
             )
