@@ -59,6 +59,20 @@ redis.call('HDEL', KEYS[1], 'routed_to')
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
 """
 
+# KEYS: job, worker's job set. ARGV: worker, job id, attempt. A running batch line gives its slot back:
+# it is queued again as its next attempt (nil when it was cancelled or superseded meanwhile).
+_YIELD = """
+redis.call('SREM', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
+  return nil
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HDEL', KEYS[1], 'worker', 'routed_to')
+return {redis.call('HGET', KEYS[1], 'payload'), attempt}
+"""
+
 # KEYS: job, worker's assigned set. ARGV: worker, job id. Hands a job routed to this worker (which cannot
 # serve it after all: its model was unloaded meanwhile) back to routing, keeping its attempt.
 _UNROUTE = """
@@ -106,6 +120,7 @@ class JobStore:
         self._requeue_routed = client.register_script(_REQUEUE_ROUTED)
         self._heal = client.register_script(_HEAL_ASSIGNED)
         self._unroute = client.register_script(_UNROUTE)
+        self._yield = client.register_script(_YIELD)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -154,6 +169,11 @@ class JobStore:
     def requeue_routed(self, job_id: str, dead_worker: str) -> Job | None:
         """Take back a job that waits in a dead worker's own queue, as its next attempt."""
         return self._next_attempt(self._requeue_routed(keys=[keys.job_key(job_id)], args=[dead_worker]))
+
+    def yield_slot(self, job: Job, worker: str) -> Job | None:
+        """Queue a running job again as its next attempt, freeing this worker's slot (preemption)."""
+        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
+        return self._next_attempt(self._yield(keys=keys_, args=[worker, job.id, job.attempt]))
 
     @staticmethod
     def _next_attempt(found: list[bytes] | None) -> Job | None:

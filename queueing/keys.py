@@ -36,6 +36,9 @@ WORKERS_SEEN = f"{PREFIX}:workers:seen"
 # Routing state shared by every API process: the round-robin cursor and smooth-weighted counters per model.
 ROUTE_RR_PREFIX = f"{PREFIX}:route:rr:"
 ROUTE_WEIGHTED_PREFIX = f"{PREFIX}:route:weighted:"
+# Batch lines that gave their slot to a waiting interactive request of a model, lately: so that one waiting
+# request makes one worker yield, not every worker that sees it.
+PREEMPT_PREFIX = f"{PREFIX}:preempt:"
 # Held while one worker loads a model on demand, so concurrent requests do not start several loads.
 LOAD_LOCK_PREFIX = f"{PREFIX}:lock:load:"
 
@@ -90,6 +93,10 @@ def route_rr_key(model: str) -> str:
 
 def route_weighted_key(model: str) -> str:
     return f"{ROUTE_WEIGHTED_PREFIX}{model}"
+
+
+def preempt_key(model: str) -> str:
+    return f"{PREEMPT_PREFIX}{model}"
 
 
 def load_lock_key(model: str) -> str:

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     batch_max_in_flight: int = Field(
         16, gt=0, description="Most lines of one batch queued or running at once; the rest wait in the file."
     )
+    batch_preempt: bool = Field(
+        True,
+        description="A batch line running in a worker's last free slot stops and goes back to the queue "
+        "when an interactive request waits for that worker (at most 3 times per line).",
+    )
     batch_no_worker_timeout: float = Field(
         600.0, description="How long a batch line waits for a worker that serves its model before it fails."
     )

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import redis
 
@@ -22,6 +23,7 @@ from queueing import events, keys
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
 from workers.models import ModelManager, ModelNotLoaded
+from workers.preempt import Preemption
 from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,19 @@ def _wire_logprobs(items: list[TokenLogprob]) -> list[events.TokenLogprob]:
     ]
 
 
+@dataclass
+class _Watch:
+    yielded: bool = False
+
+
+class Yielded(Exception):
+    """A batch line stopped to give its slot to an interactive request; ``again`` is its next attempt."""
+
+    def __init__(self, again: Job | None) -> None:
+        super().__init__("yielded")
+        self.again = again
+
+
 class JobRunner:
     def __init__(
         self,
@@ -67,6 +82,8 @@ class JobRunner:
         models: ModelManager,
         cancel_poll_seconds: float = 0.25,
         stats: WorkerStats | None = None,
+        preemption: Preemption | None = None,
+        preempt_poll_seconds: float = 0.05,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
@@ -74,22 +91,31 @@ class JobRunner:
         self._store = JobStore(client)
         self._models = models
         self._cancel_poll = cancel_poll_seconds
+        self._preemption = preemption
+        self._preempt_poll = preempt_poll_seconds
 
-    def run(self, job: Job) -> None:
+    def run(self, job: Job) -> Job | None:
+        """Run ``job``; returns the job to queue again when it gave its slot up (a batch line yielding to
+        an interactive request), else None."""
         if not self._store.claim(job, self.worker):
             # Finished, cancelled, or re-queued as a later attempt: this delivery is stale.
             logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
-            return
+            return None
         channel = keys.stream_channel(job.id)
         self.stats.job_started()
         # What the job counts for in this worker's stats, reported once whichever way it ends.
-        ok, tokens, decode_seconds = False, 0, 0.0
+        ok, yielded, tokens, decode_seconds = False, False, 0, 0.0
         try:
             if job.kind == "embedding":
                 self._embed(job, channel)
             else:
                 tokens, decode_seconds = self._generate(job, channel)
             ok = True
+        except Yielded as exc:
+            # Neither done nor failed: it runs again, here or elsewhere.
+            yielded = True
+            logger.info("batch job %s attempt %d yielded its slot", job.id, job.attempt)
+            return exc.again
         except ContextLengthExceeded as exc:
             param = {"chat": "messages", "completion": "prompt", "embedding": "input"}[job.kind]
             self._fail(job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", param)
@@ -102,7 +128,11 @@ class JobRunner:
             logger.exception("job %s failed", job.id)
             self._fail(job, channel, 500, f"generation failed: {exc}", "server_error", None, None)
         finally:
-            self.stats.job_finished(ok, tokens, decode_seconds)
+            if yielded:
+                self.stats.job_yielded()
+            else:
+                self.stats.job_finished(ok, tokens, decode_seconds)
+        return None
 
     def _generate(self, job: Job, channel: str) -> tuple[int, float]:
         """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
@@ -118,7 +148,8 @@ class JobRunner:
         parts: list[str] = []
         logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
         last = first
-        for out in self._watch_cancel(job, engine.abort, outputs):
+        watch = _Watch()
+        for out in self._watch(job, engine.abort, outputs, watch):
             last = out
             step_logprobs = _wire_logprobs(out.logprobs) if out.logprobs else None
             if out.text:
@@ -132,6 +163,8 @@ class JobRunner:
                 self._publish(
                     channel, events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs)
                 )
+        if watch.yielded:
+            raise Yielded(self._store.yield_slot(job, self.worker))
         reason = last.finish_reason or "stop"
         text = "".join(parts)
         decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
@@ -188,17 +221,27 @@ class JobRunner:
             ),
         )
 
-    def _watch_cancel(
-        self, job: Job, abort: Callable[[str], None], outputs: Iterator[Output]
+    def _watch(
+        self, job: Job, abort: Callable[[str], None], outputs: Iterator[Output], watch: _Watch
     ) -> Iterator[Output]:
-        """Pass outputs through, asking the engine to stop once the job was cancelled (client gone)."""
-        next_poll = time.monotonic() + self._cancel_poll
+        """Pass outputs through, asking the engine to stop once the job was cancelled (client gone) or, for
+        a batch line, once an interactive request waits for this worker's slot (``watch.yielded``)."""
+        now = time.monotonic()
+        next_poll = now + self._cancel_poll
+        may_yield = self._preemption is not None and job.priority == "batch"
+        next_yield_poll = now + self._preempt_poll
         for out in outputs:
             yield out
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + self._cancel_poll
                 if self._store.state(job.id) == JobState.CANCELLED:
+                    abort(job.id)
+            if may_yield and not watch.yielded and now >= next_yield_poll:
+                next_yield_poll = now + self._preempt_poll
+                busy = self.stats.snapshot().in_flight
+                if self._preemption is not None and self._preemption.wanted(job, self._models.loaded(), busy):
+                    watch.yielded = True
                     abort(job.id)
 
     def _fail(

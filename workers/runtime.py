@@ -22,6 +22,7 @@ from queueing.registry import LoadFailure, ModelState, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
 from workers.models import ModelManager
+from workers.preempt import Preemption
 from workers.runner import JobRunner
 from workers.stats import WorkerStats
 
@@ -125,16 +126,18 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
     for model in settings.model_list():
         models.load(model, pinned=model in pinned)
     stats = WorkerStats()
+    slots = concurrency(settings, catalog)
+    preemption = Preemption(client, name, slots) if settings.batch_preempt else None
     rt = WorkerRuntime(
         name=name,
         node=nodename,
         settings=settings,
         client=client,
         models=models,
-        runner=JobRunner(name, client, models, stats=stats),
+        runner=JobRunner(name, client, models, stats=stats, preemption=preemption),
         stats=stats,
         store=JobStore(client),
-        concurrency=concurrency(settings, catalog),
+        concurrency=slots,
     )
     models.on_change = rt.on_model_change
     _runtime = rt

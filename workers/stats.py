@@ -55,6 +55,11 @@ class WorkerStats:
             if ok and tokens > 1 and decode_seconds > 0:
                 self._tpot = self._ewma(self._tpot, decode_seconds / (tokens - 1))
 
+    def job_yielded(self) -> None:
+        """A batch line gave its slot up; it counts when its next attempt ends."""
+        with self._lock:
+            self._in_flight -= 1
+
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             return StatsSnapshot(

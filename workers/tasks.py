@@ -28,4 +28,8 @@ def generate(job: dict[str, Any]) -> None:
         return
     # Marks the model busy, so that neither the idle sweep nor an eviction unloads it under this job.
     with rt.models.using(parsed.model):
-        rt.runner.run(parsed)
+        again = rt.runner.run(parsed)
+    if again is not None:
+        # A batch line gave its slot to an interactive request: back to its model's shared queue, behind
+        # the interactive requests, as its next attempt.
+        enqueue(app, again)

@@ -1,0 +1,111 @@
+"""Batch lines giving their slot to interactive requests, against a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+
+from engines.base import GenerationRequest, Output
+from ops.redis_server import RedisServer
+from queueing import keys
+from queueing.catalog import Catalog
+from queueing.jobs import ChatMessage, Job, JobState
+from queueing.jobstore import JobStore
+from tests.queueing.test_jobstore import create
+from workers.models import ModelManager
+from workers.preempt import Preemption
+from workers.runner import JobRunner
+
+
+def batch_job(attempt: int = 1) -> Job:
+    return Job(
+        model="m", messages=[ChatMessage(role="user", content="hi")], priority="batch", attempt=attempt
+    )
+
+
+def interactive_waiting(client: redis.Redis, queue: str, n: int = 1) -> None:
+    # What kombu pushes for a priority-0 message: its queue's own list (batch lines go to "<queue>\x06\x169").
+    for _ in range(n):
+        client.lpush(queue, b"{}")
+
+
+def test_one_waiting_request_makes_one_worker_yield(redis_client: redis.Redis) -> None:
+    a, b = Preemption(redis_client, "a", slots=1), Preemption(redis_client, "b", slots=1)
+    assert not a.wanted(batch_job(), ["m"], busy=1)  # nothing waits
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert a.wanted(batch_job(), ["m"], busy=1)
+    assert not b.wanted(batch_job(), ["m"], busy=1), "a already yields for the one waiting request"
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert b.wanted(batch_job(), ["m"], busy=1), "two waiting, two yield"
+
+
+def test_only_full_workers_yield_and_only_batch_lines(redis_client: redis.Redis) -> None:
+    p = Preemption(redis_client, "a", slots=2)
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert not p.wanted(batch_job(), ["m"], busy=1), "a free slot takes the request without yielding"
+    assert not p.wanted(batch_job().model_copy(update={"priority": "interactive"}), ["m"], busy=2)
+    assert not p.wanted(batch_job(attempt=4), ["m"], busy=2), "a line yields at most three times"
+    assert not p.wanted(batch_job(), ["other"], busy=2), "a request for a model not loaded here"
+    assert p.wanted(batch_job(), ["m"], busy=2)
+
+
+def test_own_queue_requests_always_win(redis_client: redis.Redis) -> None:
+    a, b = Preemption(redis_client, "a", slots=1), Preemption(redis_client, "b", slots=1)
+    interactive_waiting(redis_client, keys.worker_queue("a"))
+    assert not b.wanted(batch_job(), ["m"], busy=1), "routed to a, so only a can serve it"
+    assert a.wanted(batch_job(), ["m"], busy=1) and a.wanted(batch_job(), ["m"], busy=1)
+
+
+class SlowEngine:
+    """Yields a token every 10 ms until aborted; records what it was asked to abort."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.aborted: set[str] = set()
+
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        yield Output(prompt_tokens=3)
+        for i in range(1, 500):
+            if request.request_id in self.aborted:
+                yield Output(prompt_tokens=3, completion_tokens=i, finish_reason="cancelled")
+                return
+            time.sleep(0.01)
+            yield Output(text="x", prompt_tokens=3, completion_tokens=i)
+        yield Output(prompt_tokens=3, completion_tokens=500, finish_reason="length")
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+    def health(self) -> bool:
+        return True
+
+    def close(self) -> None: ...
+
+
+def test_running_batch_line_yields_and_is_queued_as_its_next_attempt(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    engine, models = SlowEngine(), ModelManager(Catalog(models={}))
+    models.adopt("m", engine)
+    runner = JobRunner("w", redis_client, models, preemption=Preemption(redis_client, "w", slots=1))
+    job = batch_job()
+    create(redis_server.url, job)
+    result: list[Job | None] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run(job)))
+    thread.start()
+    time.sleep(0.3)  # well into its 5 s of generation
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    thread.join(timeout=2)
+    assert not thread.is_alive(), "the batch line did not give its slot up"
+    assert job.id in engine.aborted
+    (again,) = result
+    assert again is not None and again.attempt == 2 and again.priority == "batch"
+    store = JobStore(redis_client)
+    assert store.state(job.id) == JobState.QUEUED and store.running_on("w") == []
+    assert runner.stats.snapshot().in_flight == 0 and runner.stats.snapshot().failed == 0
+    assert not store.claim(job, "w"), "the old attempt's message is stale now"
+    assert store.claim(again, "w")
