@@ -5,8 +5,11 @@ exactly once."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import openai
@@ -16,7 +19,7 @@ from openai.types import Batch
 
 from ops.redis_server import RedisServer
 from queueing import keys
-from tests.fleet import Fleet
+from tests.fleet import ROOT, Fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -241,3 +244,31 @@ def test_interactive_request_overtakes_queued_batch_lines(
     assert overtook <= 2
     client.batches.cancel(batch.id)
     wait(client, client.batches.retrieve(batch.id), timeout=60)
+
+
+def test_cli_submits_waits_and_fetches_results(fleet: Fleet, tmp_path: Path) -> None:
+    """`inferq batch` as a user runs it: bare request bodies, --model, --wait, then results."""
+    source = tmp_path / "prompts.jsonl"
+    prompts = [{"messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 4} for i in range(12)]
+    source.write_text("".join(json.dumps(p) + "\n" for p in prompts) + '{"messages": "not a list"}\n')
+    env = {**fleet.env, "INFERQ_BASE_URL": fleet.base_url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "ops.cli", "batch", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    submitted = cli("submit", str(source), "--model", "smollm2-135m", "--wait")
+    # One line is a bad request, so the batch completes with a failed line and the command says so.
+    batch_id = submitted.stdout.split()[0]
+    assert batch_id.startswith("batch_"), submitted
+    assert "completed: 13 requests, 12 completed, 1 failed" in submitted.stdout, submitted
+    assert submitted.returncode == 0
+    out = tmp_path / "out.jsonl"
+    fetched = cli("results", batch_id, "-o", str(out))
+    assert fetched.returncode == 0, fetched
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"line-{i}" for i in range(1, 14))
+    bad = next(r for r in rows if r["custom_id"] == "line-13")
+    assert bad["response"]["status_code"] == 400
+    status = cli("status", batch_id, "--json")
+    assert json.loads(status.stdout)["request_counts"] == {"total": 13, "completed": 12, "failed": 1}
