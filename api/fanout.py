@@ -61,6 +61,19 @@ async def start_all(
     return runs
 
 
+async def start_streams(
+    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected
+) -> tuple[list[JobRun], contextlib.AsyncExitStack]:
+    """Start streamed jobs; the caller closes the returned stack when the response ends (it is closed here
+    if starting fails)."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        return await start_all(dispatcher, jobs, disconnected, stack), stack
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
 async def finish_all(runs: Sequence[JobRun]) -> list[events.Finished]:
     """The end of every non-streamed run, in order (a non-streamed job publishes no deltas)."""
 

@@ -39,8 +39,11 @@ redis.call('HSET', KEYS[1], 'state', ARGV[4], unpack(ARGV, 5))
 return 1
 """
 
-# KEYS: job. ARGV: dead worker. Returns the payload and the new attempt, or nil when the job moved on.
+# KEYS: job[, worker's job set]. ARGV: worker[, job id]. Returns the payload and the new attempt, or nil when
+# the job moved on. For a dead worker (its sets are dropped afterwards), or for a running batch line that
+# gives its own slot up (then the job leaves the worker's set here).
 _REQUEUE = """
+if #KEYS > 1 then redis.call('SREM', KEYS[2], ARGV[2]) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return nil
 end
@@ -56,20 +59,6 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
 if redis.call('HGET', KEYS[1], 'routed_to') ~= ARGV[1] then return nil end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HDEL', KEYS[1], 'routed_to')
-return {redis.call('HGET', KEYS[1], 'payload'), attempt}
-"""
-
-# KEYS: job, worker's job set. ARGV: worker, job id, attempt. A running batch line gives its slot back:
-# it is queued again as its next attempt (nil when it was cancelled or superseded meanwhile).
-_YIELD = """
-redis.call('SREM', KEYS[2], ARGV[2])
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
-  return nil
-end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'queued')
-redis.call('HDEL', KEYS[1], 'worker', 'routed_to')
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
 """
 
@@ -120,7 +109,6 @@ class JobStore:
         self._requeue_routed = client.register_script(_REQUEUE_ROUTED)
         self._heal = client.register_script(_HEAL_ASSIGNED)
         self._unroute = client.register_script(_UNROUTE)
-        self._yield = client.register_script(_YIELD)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -173,7 +161,7 @@ class JobStore:
     def yield_slot(self, job: Job, worker: str) -> Job | None:
         """Queue a running job again as its next attempt, freeing this worker's slot (preemption)."""
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
-        return self._next_attempt(self._yield(keys=keys_, args=[worker, job.id, job.attempt]))
+        return self._next_attempt(self._requeue(keys=keys_, args=[worker, job.id]))
 
     @staticmethod
     def _next_attempt(found: list[bytes] | None) -> Job | None:

@@ -21,7 +21,7 @@ from api.batches.input import InputLine, parse
 from api.batches.store import BatchStore
 from api.files import Files
 from api.jobs import Dispatcher, Limits, RunOptions
-from api.protocol.batches import Batch, BatchError, BatchErrors, ResultLine
+from api.protocol.batches import TERMINAL, Batch, BatchError, BatchErrors, BatchStatus, ResultLine
 from queueing.catalog import Catalog
 from queueing.settings import Settings
 
@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 # Statuses a batch moves on from while lines still run.
 _RUNNING = ("validating", "in_progress")
+# Why a batch stopped -> the status it ends in, and the statuses it may end from.
+_ENDINGS: dict[str | None, tuple[BatchStatus, tuple[str, ...]]] = {
+    None: ("completed", ("finalizing",)),
+    "cancelled": ("cancelled", ("cancelling",)),
+    "expired": ("expired", (*_RUNNING, "finalizing")),
+}
 # How often a line is tried when running it fails for a reason that is not its request's.
 _LINE_TRIES = 3
 
@@ -109,14 +115,16 @@ class BatchDriver:
 
     async def _drive(self, batch_id: str) -> None:
         batch = await self.store.get(batch_id)
-        if batch is None:
+        if batch is None or batch.status in TERMINAL:
+            await self.store.retire(batch_id)
             return
         if batch.status == "finalizing":
+            # The last holder died while writing the files: every line has its result.
             await self._finalize(batch, None, [])
             return
         await self.store.move(batch_id, "in_progress", ["validating"])
         try:
-            requests = parse(await self.files.read(batch.input_file_id))
+            requests = await asyncio.to_thread(parse, await self.files.read(batch.input_file_id))
         except errors.OpenAIError as exc:
             # The input file was deleted (or replaced) after the batch was accepted.
             await self._fail(batch, exc.code or "invalid_input_file", exc.message)
@@ -209,9 +217,12 @@ class BatchDriver:
         return RunOptions(priority="batch", routing="queue", limits=limits, resume=True, cancel_on_exit=False)
 
     async def _finalize(self, batch: Batch, stopped: str | None, requests: list[InputLine]) -> None:
+        results = await self.store.results(batch.id)
+        if stopped is None and len(results) < len(requests):
+            # A result could not be written (Redis went away): the next holder runs those lines again.
+            raise RuntimeError(f"{len(requests) - len(results)} lines of {batch.id} have no result")
         if stopped is None:
             await self.store.move(batch.id, "finalizing", _RUNNING)
-        results = await self.store.results(batch.id)
         if stopped:
             why = {
                 "cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
@@ -222,12 +233,8 @@ class BatchDriver:
         ordered = [results[i] for i in sorted(results)]
         output = await self._file(batch, "output", [r for r in ordered if r.ok])
         error = await self._file(batch, "error", [r for r in ordered if not r.ok])
-        final, allowed = {
-            None: ("completed", ["finalizing"]),
-            "cancelled": ("cancelled", ["cancelling"]),
-            "expired": ("expired", [*_RUNNING, "finalizing"]),
-        }[stopped]
-        await self.store.move(batch.id, final, allowed, output_file_id=output, error_file_id=error)  # type: ignore[arg-type]
+        final, allowed = _ENDINGS[stopped]
+        await self.store.move(batch.id, final, allowed, output_file_id=output, error_file_id=error)
 
     async def _file(self, batch: Batch, kind: str, results: list[ResultLine]) -> str | None:
         if not results:

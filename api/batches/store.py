@@ -23,14 +23,16 @@ from api.protocol.batches import (
 from queueing import keys
 from queueing._codec import text
 
-# KEYS: batch. ARGV: new status, now, JSON list of the statuses it may move from, then field/value pairs.
-# Sets ``<status>_at`` with the status, as the batch object has a timestamp per status.
+# KEYS: batch, active set. ARGV: new status, now, JSON list of the statuses it may move from, "1" when the new
+# status is terminal, batch id, then field/value pairs. Sets ``<status>_at`` with the status, as the batch
+# object has a timestamp per status; a terminal status takes the batch off the active set in the same step.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
 for _, from in ipairs(cjson.decode(ARGV[3])) do
   if from == status then
-    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2], unpack(ARGV, 4))
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2], unpack(ARGV, 6))
+    if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[5]) end
     return 1
   end
 end
@@ -145,11 +147,13 @@ class BatchStore:
         """Change the status if it is one of ``allowed_from``, stamping ``<status>_at`` and setting
         ``fields``; a terminal status also takes the batch off the active set."""
         pairs = [v for k, val in fields.items() if val is not None for v in (k, val)]
-        args: list[str | int] = [status, int(time.time()), json.dumps(list(allowed_from)), *pairs]
-        moved = bool(await self._transition(keys=[keys.batch_key(batch_id)], args=args))
-        if moved and status in TERMINAL:
-            await self._r.srem(keys.BATCHES_ACTIVE, batch_id)
-        return moved
+        terminal = "1" if status in TERMINAL else "0"
+        args = [status, int(time.time()), json.dumps(list(allowed_from)), terminal, batch_id, *pairs]
+        return bool(await self._transition(keys=[keys.batch_key(batch_id), keys.BATCHES_ACTIVE], args=args))
+
+    async def retire(self, batch_id: str) -> None:
+        """Take a batch that has ended off the active set."""
+        await self._r.srem(keys.BATCHES_ACTIVE, batch_id)
 
     async def record(self, batch_id: str, index: int, result: ResultLine) -> bool:
         """Write line ``index``'s result unless one is there; True when this call wrote it."""

@@ -106,12 +106,7 @@ async def _stream(
     jobs: list[Job],
     request: Request,
 ) -> EventSourceResponse:
-    stack = contextlib.AsyncExitStack()
-    try:
-        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
-    except BaseException:
-        await stack.aclose()
-        raise
+    runs, stack = await fanout.start_streams(dispatcher, jobs, request.is_disconnected)
     return EventSourceResponse(
         _chunks(body, plan, runs, stack),
         headers=workers_header(runs),

@@ -110,13 +110,7 @@ async def create_completion(
     if not body.stream:
         completion, runs = await complete(body, spec, dispatcher, request.is_disconnected)
         return JSONResponse(completion.model_dump(mode="json"), headers=workers_header(runs))
-    jobs = completion_jobs(body, spec)
-    stack = contextlib.AsyncExitStack()
-    try:
-        runs = await fanout.start_all(dispatcher, jobs, request.is_disconnected, stack)
-    except BaseException:
-        await stack.aclose()
-        raise
+    runs, stack = await fanout.start_streams(dispatcher, completion_jobs(body, spec), request.is_disconnected)
     return EventSourceResponse(
         _chunks(body, runs, stack),
         headers=workers_header(runs),

@@ -205,6 +205,20 @@ def test_cancel_stops_dispatch_and_finalizes_what_is_done(client: openai.OpenAI,
     assert client.batches.cancel(batch.id).status == "cancelled"
 
 
+def test_lines_left_when_the_window_ends_expire(client: openai.OpenAI) -> None:
+    source = client.files.create(
+        file=("in.jsonl", jsonl([line(i, max_tokens=32) for i in range(60)])), purpose="batch"
+    )
+    # OpenAI only takes "24h"; shorter windows are accepted here, which is what makes this testable.
+    batch = client.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="3s")  # type: ignore[arg-type]
+    assert batch.expires_at and batch.expires_at - batch.created_at == 3
+    batch = wait(client, batch, timeout=60)
+    assert batch.status == "expired" and batch.expired_at
+    out, err = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+    assert sorted(r["custom_id"] for r in out + err) == sorted(f"req-{i}" for i in range(60))
+    assert any(r["error"] and r["error"]["code"] == "batch_expired" for r in err)
+
+
 def test_list_pages_and_unknown_ids(client: openai.OpenAI) -> None:
     made = [submit(client, [line(i, max_tokens=1)]).id for i in range(3)]
     page = client.batches.list(limit=2)
@@ -228,6 +242,9 @@ def test_interactive_request_overtakes_queued_batch_lines(
         batch = client.batches.retrieve(batch.id)
     queued = sum(rconn.llen(k) for k in keys.queue_list_keys(keys.model_queue("smollm2-135m")))
     assert queued >= 6, "the batch should have lines waiting in the queue"
+    # INFERQ_BATCH_MAX_IN_FLIGHT (16): the rest of the 40 lines wait in the file, not in the queue.
+    states = [rconn.hget(k, "state") for k in rconn.scan_iter(f"{keys.JOB_PREFIX}chatcmpl-{batch.id}-*")]
+    assert sum(s in (b"queued", b"running") for s in states) <= 16
     reply = client.chat.completions.with_raw_response.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
