@@ -1,106 +1,30 @@
-"""`inferq batch`: submit a JSONL file to the Batch API, follow it, fetch its results.
-
-A plain HTTP client of the OpenAI-shaped Files and Batches routes, so it works against any inferq (or OpenAI)
-server and imports nothing of the server side.
-"""
+"""`inferq batch`: submit a JSONL file to the Batch API, follow it, fetch its results (a plain HTTP client:
+see ops/batch_client.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 import httpx
 
-Batch = dict[str, Any]
-
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-DEFAULT_ENDPOINT = ENDPOINTS[0]
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-TIMESTAMPS = (
-    "created_at",
-    "in_progress_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "expires_at",
+from ops.batch_client import (
+    DEFAULT_BASE_URL,
+    DEFAULT_ENDPOINT,
+    ENDPOINTS,
+    POLL_S,
+    APIError,
+    Batch,
+    BatchClient,
+    MissingModel,
+    http_client,
+    submit,
+    wait,
 )
-POLL_S = 0.5
-PLAIN_EVERY_S = 2.0  # without a TTY, a progress line at most this often (and on every status change)
-_FULL_LINE_KEYS = ("custom_id", "method", "url")
-
-
-class MissingModel(ValueError):
-    def __init__(self, lines: list[int]) -> None:
-        self.lines = lines
-        shown = ", ".join(map(str, lines[:10])) + (", …" if len(lines) > 10 else "")
-        super().__init__(f'line {shown}: no "model" in the request body; pass --model or add one')
-
-
-class APIError(Exception):
-    """A non-2xx answer, carrying the OpenAI error envelope's fields."""
-
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        self.status, self.message, self.code = status, message, code
-        super().__init__(f"{message} (HTTP {status})")
-
-
-# ---------------------------------------------------------------------------------------------- pure logic
-
-
-def _is_full_line(obj: object) -> bool:
-    return isinstance(obj, dict) and "body" in obj and any(k in obj for k in _FULL_LINE_KEYS)
-
-
-def prepare_lines(text: str, model: str | None, endpoint: str | None) -> tuple[bytes, str]:
-    """The JSONL to upload and the batch's endpoint.
-
-    Bare request bodies become full lines with ``custom_id`` ``line-<n>`` (the 1-based line in ``text``);
-    ``model`` overrides every body's model. Lines that are not JSON objects go through unchanged, for the
-    server to report. Blank lines stay (empty) so that the server's line numbers are the file's.
-    """
-    parsed: list[tuple[int, str, object]] = []
-    # Split on "\n" alone, as the server does: str.splitlines() would also split inside JSON strings (U+2028).
-    raws = text.split("\n")
-    if raws[-1] == "":
-        raws.pop()
-    for n, raw in enumerate(raws, start=1):
-        if not raw.strip():
-            parsed.append((n, "", None))
-            continue
-        try:
-            parsed.append((n, raw, json.loads(raw)))
-        except ValueError:
-            parsed.append((n, raw, None))
-    if endpoint is None:
-        urls = [obj["url"] for _, _, obj in parsed if _is_full_line(obj) and isinstance(obj, dict)]
-        endpoint = urls[0] if urls and isinstance(urls[0], str) else DEFAULT_ENDPOINT
-    out: list[str] = []
-    missing: list[int] = []
-    for n, raw, obj in parsed:
-        if not isinstance(obj, dict):
-            out.append(raw)
-            continue
-        line = obj if _is_full_line(obj) else {"custom_id": f"line-{n}", "method": "POST", "url": endpoint}
-        body = obj.get("body") if line is obj else obj
-        if isinstance(body, dict):
-            body = {**body, "model": model} if model is not None else body
-            if body.get("model") is None:
-                missing.append(n)
-        line = {**line, "body": body}
-        out.append(json.dumps(line, ensure_ascii=False))
-    if missing:
-        raise MissingModel(missing)
-    return "".join(f"{line}\n" for line in out).encode(), endpoint
+from ops.batch_progress import Display, counts, summary, when
 
 
 def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -111,250 +35,6 @@ def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--metadata")
         metadata[key] = value
     return metadata
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _counts(batch: Batch) -> tuple[int, int, int]:
-    counts = batch.get("request_counts") or {}
-    return int(counts.get("total") or 0), int(counts.get("completed") or 0), int(counts.get("failed") or 0)
-
-
-def _output_tokens(batch: Batch) -> int | None:
-    usage = batch.get("usage")
-    return int(usage.get("output_tokens") or 0) if isinstance(usage, dict) else None
-
-
-class Progress:
-    """Successive batch objects in, one progress line out.
-
-    "done" counts finished lines (completed + failed). Rates are measured from the first object seen
-    in_progress (or later), with ``clock``, so a watch that starts late still reports current speeds.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, width: int = 16) -> None:
-        self.clock, self.width = clock, width
-        self.batch: Batch = {}
-        self._base: tuple[float, int, int | None] | None = None  # (time, lines done, output tokens)
-
-    def update(self, batch: Batch) -> bool:
-        """Take the latest object; whether its status changed."""
-        changed = batch.get("status") != self.batch.get("status")
-        self.batch = batch
-        if self._base is None and batch.get("status") not in ("validating", None):
-            _, completed, failed = _counts(batch)
-            self._base = (self.clock(), completed + failed, _output_tokens(batch))
-        return changed
-
-    def rates(self) -> tuple[float | None, float | None]:
-        """(lines/s, output tokens/s) since the base; None where unknown."""
-        if self._base is None:
-            return None, None
-        t0, done0, tokens0 = self._base
-        elapsed = self.clock() - t0
-        if elapsed <= 0:
-            return None, None
-        _, completed, failed = _counts(self.batch)
-        tokens = _output_tokens(self.batch)
-        token_rate = (tokens - tokens0) / elapsed if tokens is not None and tokens0 is not None else None
-        return (completed + failed - done0) / elapsed, token_rate
-
-    def render(self) -> str:
-        total, completed, failed = _counts(self.batch)
-        done = completed + failed
-        filled = self.width * done // total if total else 0
-        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} done", f"{failed} failed"]
-        line_rate, token_rate = self.rates()
-        status = self.batch.get("status")
-        if token_rate is not None and status == "in_progress":
-            parts.append(f"{token_rate:.0f} tok/s")
-        if line_rate and status == "in_progress" and total:
-            parts.append(f"ETA {_clock((total - done) / line_rate)}")
-        if status != "in_progress":
-            parts.append(str(status))
-        return " · ".join(parts)
-
-
-def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def summary(batch: Batch) -> str:
-    """A short human account of a batch object."""
-    total, completed, failed = _counts(batch)
-    rows = [
-        ("id", batch.get("id")),
-        ("status", batch.get("status")),
-        ("endpoint", batch.get("endpoint")),
-        ("model", batch.get("model")),
-        ("requests", f"{completed + failed}/{total} done ({completed} completed, {failed} failed)"),
-    ]
-    rows += [(key.removesuffix("_at"), _when(batch[key])) for key in TIMESTAMPS if batch.get(key)]
-    rows += [(key, batch.get(key)) for key in ("input_file_id", "output_file_id", "error_file_id")]
-    usage = batch.get("usage")
-    if isinstance(usage, dict):
-        rows.append(("tokens", f"{usage.get('input_tokens')} in, {usage.get('output_tokens')} out"))
-    lines = [f"{key:<15}{value}" for key, value in rows if value is not None]
-    errors = (batch.get("errors") or {}).get("data") or []
-    if errors:
-        lines.append("errors:")
-    for err in errors:
-        where = f"line {err['line']}: " if err.get("line") is not None else ""
-        lines.append(f"  {where}{err.get('message')} [{err.get('code')}]")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
-
-
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    message, code = response.text or response.reason_phrase, None
-    try:
-        error = response.json().get("error")
-    except ValueError:
-        error = None
-    if isinstance(error, dict) and error.get("message"):
-        message, code = str(error["message"]), error.get("code")
-    raise APIError(response.status_code, message, code)
-
-
-class BatchClient:
-    """The Files and Batches routes over one ``httpx.Client``."""
-
-    def __init__(self, http: httpx.Client) -> None:
-        self.http = http
-
-    def __enter__(self) -> BatchClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-
-    def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, url, **kwargs)
-        _raise_for_error(response)
-        return response.json()
-
-    def upload(self, name: str, data: bytes) -> str:
-        files = {"file": (name, data, "application/jsonl")}
-        return str(self._json("POST", "/v1/files", files=files, data={"purpose": "batch"})["id"])
-
-    def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> Batch:
-        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window}
-        result: Batch = self._json("POST", "/v1/batches", json={**body, "metadata": metadata})
-        return result
-
-    def get(self, batch_id: str) -> Batch:
-        result: Batch = self._json("GET", f"/v1/batches/{batch_id}")
-        return result
-
-    def cancel(self, batch_id: str) -> Batch:
-        result: Batch = self._json("POST", f"/v1/batches/{batch_id}/cancel")
-        return result
-
-    def list_batches(self, limit: int) -> list[Batch]:
-        result: list[Batch] = self._json("GET", "/v1/batches", params={"limit": limit})["data"]
-        return result
-
-    def content(self, file_id: str) -> bytes:
-        response = self.http.get(f"/v1/files/{file_id}/content")
-        _raise_for_error(response)
-        return response.content
-
-
-def http_client(
-    base_url: str, api_key: str | None, transport: httpx.BaseTransport | None = None
-) -> httpx.Client:
-    """The factory every command gets its connection from (tests pass an ``httpx.MockTransport``)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    timeout = httpx.Timeout(60.0, connect=10.0)
-    return httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
-
-
-def submit(
-    client: BatchClient,
-    path: Path,
-    *,
-    model: str | None = None,
-    endpoint: str | None = None,
-    completion_window: str = "24h",
-    metadata: dict[str, str] | None = None,
-) -> Batch:
-    """Prepare ``path`` (see `prepare_lines`), upload it and create the batch; the new batch object."""
-    data, endpoint = prepare_lines(path.read_text(encoding="utf-8"), model, endpoint)
-    file_id = client.upload(path.name, data)
-    return client.create(file_id, endpoint, completion_window, metadata or {})
-
-
-def wait(
-    client: BatchClient,
-    batch_id: str,
-    on_update: Callable[[Batch], None] | None = None,
-    poll_s: float = POLL_S,
-) -> Batch:
-    """Poll until the batch reaches a terminal status; the final object."""
-    while True:
-        batch = client.get(batch_id)
-        if on_update is not None:
-            on_update(batch)
-        if batch.get("status") in TERMINAL:
-            return batch
-        time.sleep(poll_s)
-
-
-def submit_and_wait(
-    client: BatchClient,
-    path: Path,
-    *,
-    model: str | None = None,
-    endpoint: str | None = None,
-    completion_window: str = "24h",
-    metadata: dict[str, str] | None = None,
-    on_update: Callable[[Batch], None] | None = None,
-    poll_s: float = POLL_S,
-) -> Batch:
-    """`submit` then `wait`: the batch object in its terminal status."""
-    batch = submit(
-        client, path, model=model, endpoint=endpoint, completion_window=completion_window, metadata=metadata
-    )
-    return wait(client, batch["id"], on_update, poll_s)
-
-
-# ---------------------------------------------------------------------------------------------- commands
-
-
-class Display:
-    """Draws `Progress` on ``stream``: a bar redrawn in place on a TTY, else a line every few seconds."""
-
-    def __init__(self, stream: IO[str], tty: bool, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stream, self.tty, self.clock = stream, tty, clock
-        self.progress = Progress(clock)
-        self._last_print: float | None = None
-        self._width = 0
-
-    def __call__(self, batch: Batch) -> None:
-        changed = self.progress.update(batch)
-        line = self.progress.render()
-        if self.tty:
-            # Pad over the remains of a longer previous line.
-            self.stream.write(f"\r{line}{' ' * max(0, self._width - len(line))}")
-            self._width = len(line)
-        elif changed or self._last_print is None or self.clock() - self._last_print >= PLAIN_EVERY_S:
-            self.stream.write(f"{line}\n")
-            self._last_print = self.clock()
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
 
 
 class _BatchGroup(click.Group):
@@ -405,7 +85,7 @@ def _wait_visibly(client: BatchClient, batch_id: str) -> Batch | None:
 
 
 def _final(batch: Batch) -> None:
-    total, completed, failed = _counts(batch)
+    total, completed, failed = counts(batch)
     click.echo(f"{batch['id']} {batch['status']}: {total} requests, {completed} completed, {failed} failed")
     for err in (batch.get("errors") or {}).get("data") or []:
         click.echo(f"  line {err.get('line')}: {err.get('message')} [{err.get('code')}]", err=True)
@@ -503,8 +183,8 @@ def cancel_command(client: BatchClient, batch_id: str) -> None:
 def list_command(client: BatchClient, limit: int) -> None:
     """Recent batches, one line each."""
     for item in client.list_batches(limit):
-        total, completed, failed = _counts(item)
-        created = _when(item["created_at"]) if item.get("created_at") else "-"
+        total, completed, failed = counts(item)
+        created = when(item["created_at"]) if item.get("created_at") else "-"
         click.echo(
             f"{item['id']}  {item.get('status'):<11}  {completed + failed}/{total} done  "
             f"{created}  {item.get('endpoint')}  {item.get('model') or '-'}"

@@ -13,8 +13,9 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from ops import batch_cli
-from ops.batch_cli import Batch, Display, MissingModel, Progress, prepare_lines
+from ops import batch_cli, batch_client
+from ops.batch_client import TERMINAL, Batch, MissingModel, prepare_lines
+from ops.batch_progress import Display, Progress
 from ops.cli import main
 
 
@@ -216,7 +217,7 @@ class FakeServer:
             return httpx.Response(200, json={"object": "list", "data": [self.batch], "has_more": False})
         if path == "/v1/batches/batch_1":
             status = next(self.statuses, self.batch["status"])
-            done = self.total if status in batch_cli.TERMINAL else 0
+            done = self.total if status in TERMINAL else 0
             self.batch = {
                 **self.batch,
                 "status": status,
@@ -241,7 +242,7 @@ class FakeServer:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
     fake = FakeServer(["validating", "in_progress", "in_progress", "completed"])
-    real = batch_cli.http_client
+    real = batch_client.http_client
 
     def factory(base_url: str, api_key: str | None) -> httpx.Client:
         return real(base_url, api_key, transport=httpx.MockTransport(fake))
@@ -290,8 +291,9 @@ def test_submit_uploads_creates_and_waits_until_completed(
 
 def test_submit_and_wait_returns_the_final_object(server: FakeServer, jsonl: Path) -> None:
     seen: list[str] = []
-    with batch_cli.BatchClient(batch_cli.http_client("http://h", None)) as client:
-        final = batch_cli.submit_and_wait(
+    http = batch_client.http_client("http://h", None, transport=httpx.MockTransport(server))
+    with batch_client.BatchClient(http) as client:
+        final = batch_client.submit_and_wait(
             client, jsonl, model="m", on_update=lambda b: seen.append(b["status"]), poll_s=0
         )
     assert final["status"] == "completed" and final["output_file_id"] == "file-out"
