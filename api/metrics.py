@@ -54,6 +54,8 @@ class MetricsMiddleware:
 
 
 def _line(name: str, labels: dict[str, str], value: float) -> str:
+    if not labels:
+        return f"{name} {value}\n"
     body = ",".join(f'{k}="{v}"' for k, v in labels.items())
     return f"{name}{{{body}}} {value}\n"
 
@@ -68,7 +70,8 @@ _FLEET_HELP = {
     "inferq_worker_ttft_seconds": ("gauge", "EWMA of the worker's time to first token."),
     "inferq_worker_seconds_per_token": ("gauge", "EWMA of the worker's seconds per output token."),
     "inferq_model_loaded": ("gauge", "1 per model on a worker, by state (loading, ready, unloading)."),
-    "inferq_queue_depth": ("gauge", "Messages waiting in a queue."),
+    "inferq_queue_depth": ("gauge", "Messages waiting in a queue, by priority (interactive, batch)."),
+    "inferq_batches_active": ("gauge", "Batches not finished yet (validating to finalizing, or cancelling)."),
 }
 
 
@@ -100,7 +103,11 @@ async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
         lengths = await pipe.execute()
     steps = len(keys.KOMBU_PRIORITY_STEPS)
     for i, q in enumerate(queues):
-        add("inferq_queue_depth", {"queue": q}, sum(lengths[i * steps : (i + 1) * steps]))
+        # The first list holds priority 0 (interactive); batch lines sit in the lowest, nothing in between.
+        interactive, *lower = lengths[i * steps : (i + 1) * steps]
+        add("inferq_queue_depth", {"queue": q, "priority": "interactive"}, interactive)
+        add("inferq_queue_depth", {"queue": q, "priority": "batch"}, sum(lower))
+    add("inferq_batches_active", {}, await client.scard(keys.BATCHES_ACTIVE))
     out = []
     for name, (kind, text) in _FLEET_HELP.items():
         out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")

@@ -5,6 +5,7 @@ exactly once."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import httpx
 import openai
 import pytest
 import redis
@@ -242,6 +244,11 @@ def test_interactive_request_overtakes_queued_batch_lines(
         batch = client.batches.retrieve(batch.id)
     queued = sum(rconn.llen(k) for k in keys.queue_list_keys(keys.model_queue("smollm2-135m")))
     assert queued >= 6, "the batch should have lines waiting in the queue"
+    metrics = httpx.get(f"{fleet.base_url}/metrics").text
+    depth = re.search(
+        r'inferq_queue_depth\{queue="inferq.model.smollm2-135m",priority="batch"\} (\d+)', metrics
+    )
+    assert depth and int(depth.group(1)) > 0 and "inferq_batches_active 1" in metrics
     # INFERQ_BATCH_MAX_IN_FLIGHT (16): the rest of the 40 lines wait in the file, not in the queue.
     states = [rconn.hget(k, "state") for k in rconn.scan_iter(f"{keys.JOB_PREFIX}chatcmpl-{batch.id}-*")]
     assert sum(s in (b"queued", b"running") for s in states) <= 16

@@ -138,7 +138,8 @@ def test_metrics_show_requests_workers_and_queues(fleet: Fleet) -> None:
         if line.startswith("inferq_worker_tokens_total{")
     }
     assert set(tokens) == set(WORKERS) and sum(tokens.values()) >= 3
-    assert 'inferq_queue_depth{queue="inferq.model.scripted"} 0' in text
+    assert 'inferq_queue_depth{queue="inferq.model.scripted",priority="interactive"} 0' in text
+    assert 'inferq_queue_depth{queue="inferq.model.scripted",priority="batch"} 0' in text
     assert 'inferq_model_loaded{worker="r1",model="scripted",state="ready"} 1' in text
 
 
