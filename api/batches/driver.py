@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field, replace
 
 from api import errors
 from api.batches import lines
@@ -37,6 +38,18 @@ _ENDINGS: dict[str | None, tuple[BatchStatus, tuple[str, ...]]] = {
 }
 # How often a line is tried when running it fails for a reason that is not its request's.
 _LINE_TRIES = 3
+
+
+@dataclass
+class _Run:
+    """One pass over a batch's pending lines."""
+
+    batch: Batch
+    options: RunOptions
+    # Line index -> the ids its jobs were given, so that a stop can cancel them.
+    named: dict[int, list[str]] = field(default_factory=dict)
+    # Models no worker served within the no-worker timeout during this pass.
+    unserved: set[str] = field(default_factory=set)
 
 
 class BatchDriver:
@@ -136,10 +149,9 @@ class BatchDriver:
     async def _run_lines(self, batch: Batch, pending: list[tuple[int, InputLine]]) -> str | None:
         """Run ``pending`` lines, at most ``max_in_flight`` at once. Returns why it stopped early
         ("cancelled" or "expired"), or None when every line has its result."""
-        options = self._options(batch)
+        run = _Run(batch, self._options(batch))
         slots = asyncio.Semaphore(self.max_in_flight)
         running: dict[int, asyncio.Task[None]] = {}
-        named: dict[int, list[str]] = {}
 
         def release(index: int) -> None:
             running.pop(index, None)
@@ -151,7 +163,7 @@ class BatchDriver:
             if stopped:
                 slots.release()
                 break
-            task = asyncio.create_task(self._line(batch, index, line, options, named.setdefault(index, [])))
+            task = asyncio.create_task(self._line(run, index, line))
             running[index] = task
             task.add_done_callback(lambda _, i=index: release(i))  # type: ignore[misc]
         while running and not stopped:
@@ -163,7 +175,7 @@ class BatchDriver:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for job_ids in named.values():
+            for job_ids in run.named.values():
                 for job_id in job_ids:
                     await self.dispatcher.store.cancel(job_id)
         return stopped
@@ -185,15 +197,22 @@ class BatchDriver:
             return "expired"
         return None
 
-    async def _line(
-        self, batch: Batch, index: int, line: InputLine, options: RunOptions, named: list[str]
-    ) -> None:
+    async def _line(self, run: _Run, index: int, line: InputLine) -> None:
+        batch = run.batch
         base = lines.job_ids(batch.endpoint, batch.id, index)
+        named = run.named.setdefault(index, [])
 
         def ids(k: int) -> str:
             named.append(base(k))
             return named[-1]
 
+        model = str(line.request.body.get("model"))
+        options = run.options
+        if model in run.unserved:
+            # This batch already waited the whole no-worker timeout for this model: look once, do not wait
+            # again for every line.
+            limits = replace(options.limits or self.dispatcher.limits, no_worker_timeout=0.0)
+            options = replace(options, limits=limits)
         for attempt in range(1, _LINE_TRIES + 1):
             try:
                 result = await lines.execute(
@@ -208,6 +227,10 @@ class BatchDriver:
                     result = lines.broken(line.request, f"The request could not be run: {exc}")
                     break
                 await asyncio.sleep(self.poll * 2)
+        if result.error_code == "no_worker_available":
+            run.unserved.add(model)
+        elif result.ok:
+            run.unserved.discard(model)
         await self.store.record(batch.id, index, result)
 
     def _options(self, batch: Batch) -> RunOptions:

@@ -149,3 +149,12 @@ class ResultLine(BaseModel):
     @property
     def ok(self) -> bool:
         return self.response is not None and self.response.status_code == 200
+
+    @property
+    def error_code(self) -> str | None:
+        if self.error is not None:
+            return self.error.code
+        if self.response is None or self.ok:
+            return None
+        error = self.response.body.get("error")
+        return str(error.get("code")) if isinstance(error, dict) else None

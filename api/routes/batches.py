@@ -43,12 +43,13 @@ async def create_batch(body: BatchCreateRequest, request: Request, files: FilesD
     # Every line is checked now, so a malformed file is refused with its line numbers instead of failing
     # later; parsing a large file takes a while, so off the event loop.
     requests = await asyncio.to_thread(parse, await files.read(source.id))
-    models = {str(line.request.body.get("model")) for line in requests}
+    models = {line.request.body.get("model") for line in requests}
     now = int(time.time())
     batch = Batch(
         id=f"batch_{uuid.uuid4().hex}",
         endpoint=body.endpoint,
-        model=models.pop() if len(models) == 1 else None,
+        # OpenAI names the model when the batch has one; inferq batches may mix models.
+        model=str(models.pop()) if len(models) == 1 and None not in models else None,
         input_file_id=source.id,
         completion_window=body.completion_window,
         status="validating",

