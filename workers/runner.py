@@ -163,7 +163,8 @@ class JobRunner:
                 self._publish(
                     channel, events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs)
                 )
-        if watch.yielded:
+        if watch.yielded and last.finish_reason == "cancelled":
+            # (A line that ended on its own before the abort took effect is finished below as usual.)
             raise Yielded(self._store.yield_slot(job, self.worker))
         reason = last.finish_reason or "stop"
         text = "".join(parts)

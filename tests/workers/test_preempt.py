@@ -109,3 +109,29 @@ def test_running_batch_line_yields_and_is_queued_as_its_next_attempt(
     assert runner.stats.snapshot().in_flight == 0 and runner.stats.snapshot().failed == 0
     assert not store.claim(job, "w"), "the old attempt's message is stale now"
     assert store.claim(again, "w")
+
+
+class DeafEngine(SlowEngine):
+    """Ignores aborts: its generation ends on its own after a few tokens."""
+
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        yield Output(prompt_tokens=3)
+        for i in range(1, 11):
+            time.sleep(0.02)
+            yield Output(text="x", prompt_tokens=3, completion_tokens=i)
+        yield Output(prompt_tokens=3, completion_tokens=10, finish_reason="length")
+
+
+def test_a_line_that_ends_before_the_abort_lands_is_finished_not_rerun(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    engine, models = DeafEngine(), ModelManager(Catalog(models={}))
+    models.adopt("m", engine)
+    runner = JobRunner("w", redis_client, models, preemption=Preemption(redis_client, "w", slots=1))
+    job = batch_job()
+    create(redis_server.url, job)
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert runner.run(job) is None
+    assert job.id in engine.aborted, "it was asked to yield"
+    assert JobStore(redis_client).state(job.id) == JobState.DONE
+    assert runner.stats.snapshot().completed == 1
