@@ -65,7 +65,7 @@ def client(fleet: Fleet) -> Iterator[openai.OpenAI]:
 
 
 @pytest.fixture
-def rconn(fleet_redis: RedisServer) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(fleet_redis.url)
+def rconn(fleet: Fleet) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(fleet.redis_url)
     yield c
     c.close()

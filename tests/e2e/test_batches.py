@@ -43,6 +43,7 @@ CHAT: Final = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
+# The fixtures `client` and `rconn` (tests/e2e/conftest.py) use this module's fleet.
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # A fleet of its own: its workers are killed, and its Redis must not see other tests' jobs.
@@ -60,19 +61,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         f.close()
         server.stop()
-
-
-@pytest.fixture
-def client(fleet: Fleet) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=2, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture
-def rconn(fleet: Fleet) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(fleet.redis_url)
-    yield c
-    c.close()
 
 
 def line(i: int, *, url: str = CHAT, model: str = "smollm2-135m", max_tokens: int = 6) -> dict[str, Any]:
