@@ -60,4 +60,5 @@ def _describe(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "model_type":
         return "not a JSON object with custom_id, method, url and body"
-    return f"`{where}` {first['msg'].lower()}" if where else first["msg"]
+    message = str(first["msg"])
+    return f"`{where}` {message[:1].lower()}{message[1:]}" if where else message

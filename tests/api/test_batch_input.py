@@ -35,7 +35,7 @@ def test_every_bad_line_is_named() -> None:
     assert "line 2 is not valid JSON" in message
     assert "line 3 repeats custom_id 'a' of line 1" in message
     assert "line 4: not a JSON object" in message
-    assert "line 5: `method`" in message
+    assert "line 5: `method` input should be 'POST'" in message
     assert "line 6: `url` field required" in message
 
 
