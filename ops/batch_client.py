@@ -179,21 +179,3 @@ def wait(
         if batch.get("status") in TERMINAL:
             return batch
         time.sleep(poll_s)
-
-
-def submit_and_wait(
-    client: BatchClient,
-    path: Path,
-    *,
-    model: str | None = None,
-    endpoint: str | None = None,
-    completion_window: str = "24h",
-    metadata: dict[str, str] | None = None,
-    on_update: Callable[[Batch], None] | None = None,
-    poll_s: float = POLL_S,
-) -> Batch:
-    """`submit` then `wait`: the batch object in its terminal status."""
-    batch = submit(
-        client, path, model=model, endpoint=endpoint, completion_window=completion_window, metadata=metadata
-    )
-    return wait(client, batch["id"], on_update, poll_s)

@@ -289,13 +289,12 @@ def test_submit_uploads_creates_and_waits_until_completed(
     assert "validating" in result.stderr and "completed" in result.stderr
 
 
-def test_submit_and_wait_returns_the_final_object(server: FakeServer, jsonl: Path) -> None:
+def test_submit_then_wait_returns_the_final_object(server: FakeServer, jsonl: Path) -> None:
     seen: list[str] = []
     http = batch_client.http_client("http://h", None, transport=httpx.MockTransport(server))
     with batch_client.BatchClient(http) as client:
-        final = batch_client.submit_and_wait(
-            client, jsonl, model="m", on_update=lambda b: seen.append(b["status"]), poll_s=0
-        )
+        created = batch_client.submit(client, jsonl, model="m")
+        final = batch_client.wait(client, created["id"], lambda b: seen.append(b["status"]), poll_s=0)
     assert final["status"] == "completed" and final["output_file_id"] == "file-out"
     assert seen == ["validating", "in_progress", "in_progress", "completed"]
     assert "authorization" not in server.requests[0].headers

@@ -86,14 +86,21 @@ class SlowEngine:
     def close(self) -> None: ...
 
 
+def one_slot_runner(server: RedisServer, client: redis.Redis, engine: SlowEngine) -> tuple[JobRunner, Job]:
+    """A runner with one slot serving ``engine`` as model m, and a batch job recorded for it."""
+    models = ModelManager(Catalog(models={}))
+    models.adopt("m", engine)
+    runner = JobRunner("w", client, models, preemption=Preemption(client, "w", slots=1))
+    job = batch_job()
+    create(server.url, job)
+    return runner, job
+
+
 def test_running_batch_line_yields_and_is_queued_as_its_next_attempt(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
-    engine, models = SlowEngine(), ModelManager(Catalog(models={}))
-    models.adopt("m", engine)
-    runner = JobRunner("w", redis_client, models, preemption=Preemption(redis_client, "w", slots=1))
-    job = batch_job()
-    create(redis_server.url, job)
+    engine = SlowEngine()
+    runner, job = one_slot_runner(redis_server, redis_client, engine)
     result: list[Job | None] = []
     thread = threading.Thread(target=lambda: result.append(runner.run(job)))
     thread.start()
@@ -125,11 +132,8 @@ class DeafEngine(SlowEngine):
 def test_a_line_that_ends_before_the_abort_lands_is_finished_not_rerun(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
-    engine, models = DeafEngine(), ModelManager(Catalog(models={}))
-    models.adopt("m", engine)
-    runner = JobRunner("w", redis_client, models, preemption=Preemption(redis_client, "w", slots=1))
-    job = batch_job()
-    create(redis_server.url, job)
+    engine = DeafEngine()
+    runner, job = one_slot_runner(redis_server, redis_client, engine)
     interactive_waiting(redis_client, keys.model_queue("m"))
     assert runner.run(job) is None
     assert job.id in engine.aborted, "it was asked to yield"
