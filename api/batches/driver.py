@@ -74,6 +74,7 @@ class BatchDriver:
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._scan(), name="inferq-batches")
@@ -84,15 +85,27 @@ class BatchDriver:
 
     async def stop(self) -> None:
         """Stop driving; the jobs of lines in flight keep running and the next holder follows them."""
-        tasks = [t for t in (self._loop, *self._runs.values()) if t is not None]
-        for task in tasks:
+        # The scan loop is asked to end rather than cancelled: a Redis command cancelled halfway leaves its
+        # connection to be dropped uncleanly, and the scan is always between commands or asleep.
+        self._stopping = True
+        self._wake.set()
+        if self._loop is not None:
+            try:
+                await asyncio.wait_for(self._loop, self.lease_seconds / 3)
+            except TimeoutError:
+                logger.warning("the batch scan did not stop in time (Redis slow?); cancelled it")
+        # Only now: the scan may have started one more while it was asked to stop.
+        runs = list(self._runs.values())
+        for task in runs:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*runs, return_exceptions=True)
 
     async def _scan(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 for batch_id in await self.store.active():
+                    if self._stopping:
+                        return
                     if batch_id not in self._runs and await self.store.lease(
                         batch_id, self.holder, self.lease_seconds
                     ):
@@ -104,6 +117,8 @@ class BatchDriver:
                 async with asyncio.timeout(self.lease_seconds / 3):
                     await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
 
     async def _hold(self, batch_id: str) -> None:
         """Drive one batch while renewing its lease; stop driving at once if the lease is lost."""

@@ -288,8 +288,11 @@ def test_interactive_request_overtakes_queued_batch_lines(
     )
     assert depth and int(depth.group(1)) > 0 and "inferq_batches_active 1" in metrics
     # INFERQ_BATCH_MAX_IN_FLIGHT (16): the rest of the 40 lines wait in the file, not in the queue.
-    states = [rconn.hget(k, "state") for k in rconn.scan_iter(f"{keys.JOB_PREFIX}chatcmpl-{batch.id}-*")]
-    assert sum(s in (b"queued", b"running") for s in states) <= 16
+    # Read in one transaction: read one by one, a line ending and the next one starting would both count.
+    read = rconn.pipeline(transaction=True)
+    for key in rconn.scan_iter(f"{keys.JOB_PREFIX}chatcmpl-{batch.id}-*"):
+        read.hget(key, "state")
+    assert sum(s in (b"queued", b"running") for s in read.execute()) <= 16
     reply = client.chat.completions.with_raw_response.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
