@@ -52,8 +52,8 @@ FILE_PREFIX = f"{PREFIX}:file:"
 FILES_INDEX = f"{PREFIX}:files"
 
 # Batch API: one record per batch, an index by creation time, the set of batches not yet finished (which the
-# API processes drive), per batch its line results and the jobs its lines run as, and a lease per batch so
-# that one API process drives it at a time.
+# API processes drive), per batch its line results, and a lease per batch so that one API process drives it
+# at a time. A line's jobs need no key of their own: their ids are derived from the batch and the line.
 BATCH_PREFIX = f"{PREFIX}:batch:"
 BATCHES_INDEX = f"{PREFIX}:batches"
 BATCHES_ACTIVE = f"{PREFIX}:batches:active"
@@ -126,11 +126,6 @@ def batch_key(batch_id: str) -> str:
 def batch_results_key(batch_id: str) -> str:
     """Line index -> the line's result (an output or error line), written once."""
     return f"{BATCH_PREFIX}{batch_id}:results"
-
-
-def batch_jobs_key(batch_id: str) -> str:
-    """Line index -> the id of the job the line runs as, so a restarted API follows it, not reruns it."""
-    return f"{BATCH_PREFIX}{batch_id}:jobs"
 
 
 def batch_lease_key(batch_id: str) -> str:

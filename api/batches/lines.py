@@ -42,7 +42,7 @@ ENDPOINTS: dict[str, Endpoint] = {
 def job_ids(endpoint: str, batch_id: str, index: int) -> JobIds:
     """A line's jobs are named after the batch and the line, so an API process that takes the batch over
     finds them (running, or finished in their records) instead of running them again."""
-    prefix = ENDPOINTS[endpoint].prefix if endpoint in ENDPOINTS else "job"
+    prefix = ENDPOINTS[endpoint].prefix
     return lambda k: f"{prefix}-{batch_id}-{index}-{k}"
 
 
