@@ -1,7 +1,8 @@
 """API keys: an ASGI middleware in front of every route, so routes added later are covered without knowing it.
 
 ``INFERQ_API_KEYS`` (a comma list, or a file with one key per line) makes every route but health and metrics
-need ``Authorization: Bearer <key>``; ``INFERQ_ADMIN_KEY`` alone may make management writes (every non-GET
+need ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's SDKs send it);
+``INFERQ_ADMIN_KEY`` alone may make management writes (every non-GET
 route under ``/v1/system/``) and also works as a normal key. Keys are compared in constant time and never
 logged or echoed.
 """
@@ -13,10 +14,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import OpenAIError
+from api.errors import ApiError, respond
 from queueing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Keys:
         logger.info("API keys required: %d key(s), admin key %s", len(keys), "set" if admin else "unset")
         return cls([k.encode() for k in keys], admin.encode() if admin else None)
 
-    def check(self, method: str, path: str, presented: bytes | None) -> OpenAIError | None:
+    def check(self, method: str, path: str, presented: bytes | None) -> ApiError | None:
         """The error to answer with, or None when the request may pass."""
         if path in OPEN_PATHS:
             return None
@@ -78,17 +78,17 @@ class Keys:
         return unauthorized(presented is not None)
 
 
-def unauthorized(had_key: bool) -> OpenAIError:
+def unauthorized(had_key: bool) -> ApiError:
     message = (
         "Incorrect API key provided."
         if had_key
         else "Missing API key: send it as `Authorization: Bearer <key>`."
     )
-    return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key")
+    return ApiError(401, message, "invalid_request_error", None, "invalid_api_key")
 
 
-def forbidden() -> OpenAIError:
-    return OpenAIError(
+def forbidden() -> ApiError:
+    return ApiError(
         403,
         "This management route needs the admin key.",
         "permission_error",
@@ -97,11 +97,15 @@ def forbidden() -> OpenAIError:
     )
 
 
-def _bearer(scope: Scope) -> bytes | None:
+def _presented(scope: Scope) -> bytes | None:
+    """The key a request carries: ``Authorization: Bearer`` (OpenAI's SDKs) or ``x-api-key`` (Anthropic's)."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            return token.strip() or None if scheme.lower() == b"bearer" else None
+            if scheme.lower() == b"bearer" and token.strip():
+                return bytes(token.strip())
+        elif name == b"x-api-key" and value.strip():
+            return bytes(value.strip())
     return None
 
 
@@ -111,12 +115,16 @@ class AuthMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        error = self.keys.check(scope["method"], scope["path"], _bearer(scope))
+        error = self.keys.check(scope.get("method", "GET"), scope["path"], _presented(scope))
         if error is None:
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            # Closing before the handshake is accepted makes the server refuse the upgrade (HTTP 403).
+            await send({"type": "websocket.close", "code": 1008, "reason": error.message})
+            return
         headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-        await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
+        await respond(scope["path"], error, headers)(scope, receive, send)

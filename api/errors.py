@@ -1,9 +1,15 @@
-"""The OpenAI error envelope, and the one place where exceptions become HTTP errors."""
+"""Errors: the domain error every layer raises, and the one place where it becomes each protocol's envelope.
+
+An ``ApiError`` carries an HTTP status, a message, the field at fault and a code. OpenAI's protocols answer
+``{"error": {"message", "type", "param", "code"}}``; Anthropic's (the ``/v1/messages`` routes) answer
+``{"type": "error", "error": {"type", "message"}}`` with its own statuses. Which one a request gets depends
+on its path alone, so a route, the key check and the validation handler need not know.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -12,10 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from queueing.events import ErrorCode
+
 logger = logging.getLogger(__name__)
 
 
-class OpenAIError(Exception):
+class ApiError(Exception):
     def __init__(
         self, status: int, message: str, type: str, param: str | None = None, code: str | None = None
     ) -> None:
@@ -30,24 +38,39 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, "invalid_request_error", param, code)
+# A worker's domain codes (queueing.events.ErrorCode) as HTTP statuses and OpenAI error types.
+_FAILURES: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error"),
+    ErrorCode.UNSUPPORTED_VALUE: (400, "invalid_request_error"),
+    ErrorCode.MODEL_NOT_LOADED: (503, "service_unavailable_error"),
+    ErrorCode.INTERNAL: (500, "server_error"),
+}
 
 
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(
+def from_failure(code: ErrorCode, message: str, param: str | None = None) -> ApiError:
+    """The error a worker reported for a job (its domain code), as the API answers it."""
+    status, kind = _FAILURES[code]
+    return ApiError(status, message, kind, param, None if code is ErrorCode.INTERNAL else code.value)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
         404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found"
     )
 
 
-def file_not_found(file_id: str) -> OpenAIError:
-    return OpenAIError(
+def file_not_found(file_id: str) -> ApiError:
+    return ApiError(
         404, f"No such File object: {file_id}", "invalid_request_error", "file_id", "file_not_found"
     )
 
 
-def file_too_large(limit: int) -> OpenAIError:
-    return OpenAIError(
+def file_too_large(limit: int) -> ApiError:
+    return ApiError(
         413,
         f"The file is larger than the {limit} bytes this server accepts.",
         "invalid_request_error",
@@ -56,8 +79,8 @@ def file_too_large(limit: int) -> OpenAIError:
     )
 
 
-def no_worker(model: str, waited: float) -> OpenAIError:
-    return OpenAIError(
+def no_worker(model: str, waited: float) -> ApiError:
+    return ApiError(
         503,
         f"No live worker serves the model `{model}` (waited {waited:g}s). Start one with "
         f"`inferq worker --models {model}`.",
@@ -67,8 +90,8 @@ def no_worker(model: str, waited: float) -> OpenAIError:
     )
 
 
-def model_load_failed(model: str, reason: str) -> OpenAIError:
-    return OpenAIError(
+def model_load_failed(model: str, reason: str) -> ApiError:
+    return ApiError(
         503,
         f"The model `{model}` is not loaded on any worker and could not be loaded on demand: {reason}",
         "service_unavailable_error",
@@ -77,14 +100,14 @@ def model_load_failed(model: str, reason: str) -> OpenAIError:
     )
 
 
-def worker_not_found(worker: str) -> OpenAIError:
-    return OpenAIError(
+def worker_not_found(worker: str) -> ApiError:
+    return ApiError(
         404, f"No live worker is named `{worker}`.", "invalid_request_error", "worker", "worker_not_found"
     )
 
 
-def worker_lost(worker: str) -> OpenAIError:
-    return OpenAIError(
+def worker_lost(worker: str) -> ApiError:
+    return ApiError(
         502,
         f"The worker {worker} stopped while streaming this response; the partial output cannot be resumed.",
         "server_error",
@@ -93,15 +116,13 @@ def worker_lost(worker: str) -> OpenAIError:
     )
 
 
-def timed_out(seconds: float) -> OpenAIError:
-    return OpenAIError(
-        504, f"The request did not finish within {seconds:g}s.", "server_error", None, "timeout"
-    )
+def timed_out(seconds: float) -> ApiError:
+    return ApiError(504, f"The request did not finish within {seconds:g}s.", "server_error", None, "timeout")
 
 
-def client_closed() -> OpenAIError:
+def client_closed() -> ApiError:
     # 499 as nginx logs it: nobody reads this response, but the request ends cleanly.
-    return OpenAIError(499, "The client closed the request.", "invalid_request_error", None, "client_closed")
+    return ApiError(499, "The client closed the request.", "invalid_request_error", None, "client_closed")
 
 
 # Pydantic names the union branch it tried in an error's location ("str", "list[TextPart]", …).
@@ -124,12 +145,7 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     return out or None
 
 
-async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, OpenAIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def invalid_body(problems: Sequence[Any]) -> OpenAIError:
+def invalid_body(problems: Sequence[Any]) -> ApiError:
     """The 400 for a request body that fails validation (pydantic's error list), naming the first field."""
     first = problems[0]
     if first.get("type") == "json_invalid":
@@ -139,29 +155,72 @@ def invalid_body(problems: Sequence[Any]) -> OpenAIError:
     return invalid_request(f"{first.get('msg')}{where}", param, "invalid_value")
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+ANTHROPIC_PATHS = "/v1/messages"
+# Anthropic's error types by status; 503 (no worker, nothing loaded) is its `overloaded_error`, status 529.
+_ANTHROPIC: dict[int, tuple[int, str]] = {
+    400: (400, "invalid_request_error"),
+    401: (401, "authentication_error"),
+    403: (403, "permission_error"),
+    404: (404, "not_found_error"),
+    413: (413, "request_too_large"),
+    429: (429, "rate_limit_error"),
+    503: (529, "overloaded_error"),
+}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")
+
+
+def anthropic_body(err: ApiError) -> tuple[int, dict[str, Any]]:
+    """Anthropic's status and envelope for ``err``."""
+    status, kind = _ANTHROPIC.get(
+        err.status, (err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    )
+    return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def envelope(path: str, err: ApiError) -> tuple[int, dict[str, Any]]:
+    """The status and body that a request to ``path`` gets for ``err``, in its protocol's envelope."""
+    if is_anthropic(path):
+        return anthropic_body(err)
+    return err.status, err.body()
+
+
+def respond(path: str, err: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    status, body = envelope(path, err)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return respond(request.url.path, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = invalid_body(exc.errors())
-    return JSONResponse(err.body(), status_code=400)
+    return respond(request.url.path, invalid_body(exc.errors()))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    err = OpenAIError(exc.status_code, str(exc.detail), kind)
-    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+    return respond(request.url.path, ApiError(exc.status_code, str(exc.detail), kind), exc.headers)
 
 
-async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
-    logger.error("redis unavailable: %s", exc)
-    err = OpenAIError(
+def redis_unavailable() -> ApiError:
+    return ApiError(
         503, "The queue (Redis) is unavailable.", "service_unavailable_error", None, "redis_unavailable"
     )
-    return JSONResponse(err.body(), status_code=503)
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("redis unavailable: %s", exc)
+    return respond(request.url.path, redis_unavailable())
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(redis.RedisError, _redis_error)

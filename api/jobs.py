@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -23,7 +24,7 @@ from queueing import events, registry
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
 from queueing.jobs import Job, JobState, Priority
-from queueing.jobstore import AsyncJobStore
+from queueing.jobstore import AsyncJobStore, JobRecord
 from queueing.routing import Router
 from queueing.settings import Settings
 
@@ -232,9 +233,7 @@ class JobRun:
                 self.attempt = event.attempt
             if isinstance(event, events.Failed):
                 self.finished = True
-                raise errors.OpenAIError(
-                    event.status, event.message, event.error_type, event.param, event.code
-                )
+                raise errors.from_failure(event.code, event.message, event.param)
             if isinstance(event, events.Started):
                 self.worker = event.worker
             if isinstance(event, events.Finished):
@@ -247,23 +246,20 @@ class JobRun:
         if self.disconnected is not None and await self.disconnected():
             raise errors.client_closed()
         record = await d.store.get(self.job.id)
-        state = record.get("state")
-        attempt = int(record.get("attempt", self.attempt))
+        if record is None:
+            return None
+        state, attempt = record.state, record.attempt
         if state == JobState.DONE:
             if self.worker is None:
                 # Started was lost too; its fields are in the record.
                 return events.Started(
-                    attempt=attempt,
-                    worker=record["worker"],
-                    prompt_tokens=int(record.get("prompt_tokens", 0)),
+                    attempt=attempt, worker=record.worker or "", prompt_tokens=record.prompt_tokens
                 )
-            return self._replay_finished(record, attempt)
+            return self._replay_finished(record)
         if state == JobState.FAILED:
-            return events.Failed(
-                attempt=attempt, status=500, message=record.get("error", "failed"), error_type="server_error"
-            )
+            return events.Failed(attempt=attempt, code=record.error_code, message=record.error or "failed")
         if state == JobState.RUNNING:
-            worker = record.get("worker", "")
+            worker = record.worker or ""
             if await registry.is_alive_async(d.client, worker):
                 self._no_worker_since = None
                 return None
@@ -284,17 +280,18 @@ class JobRun:
         if loop.time() - self._no_worker_since >= self.limits.no_worker_timeout:
             raise errors.no_worker(self.job.model, self.limits.no_worker_timeout)
 
-    def _replay_finished(self, record: dict[str, str], attempt: int) -> events.Event:
+    def _replay_finished(self, record: JobRecord) -> events.Event:
         """The Finished event was lost (pub/sub is at-most-once): rebuild it from the job record."""
-        text = record.get("text", "")
-        sent = self.text_sent
+        text, sent = record.text, self.text_sent
         if self.job.stream and text.startswith(sent) and len(text) > len(sent):
             # Emit the missing tail first; the next watchdog pass returns the Finished event.
-            return events.Delta(attempt=attempt, text=text[len(sent) :])
+            return events.Delta(attempt=record.attempt, text=text[len(sent) :])
         return events.Finished(
-            attempt=attempt,
-            finish_reason=record.get("finish_reason", "stop"),
-            prompt_tokens=int(record.get("prompt_tokens", 0)),
-            completion_tokens=int(record.get("completion_tokens", 0)),
+            attempt=record.attempt,
+            finish_reason=record.finish_reason,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cached_tokens=record.cached_tokens,
             text=None if self.job.stream else text,
+            embeddings=None if record.embeddings is None else json.loads(record.embeddings),
         )

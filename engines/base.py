@@ -105,3 +105,12 @@ class Embedder(Protocol):
     def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
         """One vector per input (normalised); raises ContextLengthExceeded for an input that does not fit."""
         ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An engine that counts a request's prompt tokens without generating (an optional capability)."""
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's length in tokens, as ``generate`` would evaluate it."""
+        ...

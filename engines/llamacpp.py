@@ -93,6 +93,10 @@ class LlamaCppEngine:
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=not added_special, special=True)
         return tokens
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        # Tokenizing reads the vocabulary only, so it needs no lock and never waits for a generation.
+        return len(self._prompt_tokens(request))
+
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
         with self._lock:
             try:

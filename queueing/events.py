@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
@@ -39,6 +40,8 @@ class Finished(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens the engine took from its prefix cache instead of evaluating them.
+    cached_tokens: int = 0
     # The whole completion, for non-streamed jobs (they publish no deltas).
     text: str | None = None
     logprobs: list[TokenLogprob] | None = None
@@ -46,15 +49,23 @@ class Finished(BaseModel):
     embeddings: list[list[float]] | None = None
 
 
+class ErrorCode(StrEnum):
+    """Why a worker could not serve a job: a domain code, mapped to a status and an envelope once per
+    protocol in the API (api/errors.py), never a wire shape of one protocol."""
+
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    UNSUPPORTED_VALUE = "unsupported_value"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    INTERNAL = "internal_error"
+
+
 class Failed(BaseModel):
-    """A job that cannot be served; carries the OpenAI error fields and the HTTP status to answer with."""
+    """A job that cannot be served: its domain code, a message for the client, the request field at fault."""
 
     type: Literal["error"] = "error"
     attempt: int
-    status: int
+    code: ErrorCode
     message: str
-    error_type: str
-    code: str | None = None
     param: str | None = None
 
 

@@ -40,7 +40,8 @@ class Sampling(BaseModel):
     logprobs: int | None = None
 
 
-JobKind = Literal["chat", "completion", "embedding"]
+# count: only the prompt's token count, with the model's own tokenizer (the API never loads one).
+JobKind = Literal["chat", "completion", "embedding", "count"]
 # Batch lines queue behind interactive requests (keys.BATCH_PRIORITY); kept on the job so that a re-queue
 # after a worker died keeps the line's priority.
 Priority = Literal["interactive", "batch"]

@@ -7,14 +7,16 @@ synchronous (Celery threads) and the API side asynchronous; both use the scripts
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio as aredis
+from pydantic import BaseModel
 from redis.typing import EncodableT, FieldT
 
 from queueing import keys
 from queueing._codec import text
+from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 
 # KEYS: job, worker's job set, worker's assigned set. ARGV: attempt, worker, now, job id.
@@ -96,6 +98,34 @@ if state == 'queued' or state == 'running' then
 end
 return 0
 """
+
+
+class JobRecord(BaseModel):
+    """A job's record as the API reads it back: where it stands and, once it ended, its result."""
+
+    state: JobState
+    attempt: int = 1
+    model: str = ""
+    worker: str | None = None
+    routed_to: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    # Set when the job ended (done, cancelled):
+    text: str = ""
+    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    # Embedding jobs: the vectors as a JSON text (a lost Finished event is rebuilt from them).
+    embeddings: str | None = None
+    # Failed jobs:
+    error: str | None = None
+    error_code: ErrorCode = ErrorCode.INTERNAL
+
+    @classmethod
+    def of(cls, raw: dict[str, str]) -> JobRecord | None:
+        # The payload is the job itself; readers that need it decode it on their own.
+        return cls.model_validate({k: v for k, v in raw.items() if k != "payload"}) if raw else None
 
 
 class JobStore:
@@ -204,9 +234,9 @@ class AsyncJobStore:
             return int(attempt or 0) + 1, False
         return int(attempt or 1), True
 
-    async def get(self, job_id: str) -> dict[str, str]:
+    async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._r.hgetall(keys.job_key(job_id))
-        return {text(k): text(v) for k, v in raw.items()}
+        return JobRecord.of({text(k): text(v) for k, v in raw.items()})
 
     async def cancel(self, job_id: str) -> bool:
         return bool(await self._cancel(keys=[keys.job_key(job_id)]))

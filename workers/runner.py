@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -16,10 +16,12 @@ from engines.base import (
     Engine,
     GenerationRequest,
     Output,
+    TokenCounter,
     TokenLogprob,
     UnsupportedRequest,
 )
 from queueing import events, keys
+from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
 from workers.models import ModelManager, ModelNotLoaded
@@ -108,6 +110,8 @@ class JobRunner:
         try:
             if job.kind == "embedding":
                 self._embed(job, channel)
+            elif job.kind == "count":
+                self._count(job, channel)
             else:
                 tokens, decode_seconds = self._generate(job, channel)
             ok = True
@@ -117,16 +121,16 @@ class JobRunner:
             logger.info("batch job %s attempt %d yielded its slot", job.id, job.attempt)
             return exc.again
         except ContextLengthExceeded as exc:
-            param = {"chat": "messages", "completion": "prompt", "embedding": "input"}[job.kind]
-            self._fail(job, channel, 400, str(exc), "invalid_request_error", "context_length_exceeded", param)
+            param = {"completion": "prompt", "embedding": "input"}.get(job.kind, "messages")
+            self._fail(job, channel, ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), param)
         except UnsupportedRequest as exc:
-            self._fail(job, channel, 400, str(exc), "invalid_request_error", "unsupported_value", exc.param)
+            self._fail(job, channel, ErrorCode.UNSUPPORTED_VALUE, str(exc), exc.param)
         except ModelNotLoaded as exc:
-            self._fail(job, channel, 503, str(exc), "service_unavailable_error", "model_not_loaded", "model")
+            self._fail(job, channel, ErrorCode.MODEL_NOT_LOADED, str(exc), "model")
         except Exception as exc:
             # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
             logger.exception("job %s failed", job.id)
-            self._fail(job, channel, 500, f"generation failed: {exc}", "server_error", None, None)
+            self._fail(job, channel, ErrorCode.INTERNAL, f"generation failed: {exc}", None)
         finally:
             if yielded:
                 self.stats.job_yielded()
@@ -222,6 +226,30 @@ class JobRunner:
             ),
         )
 
+    def _count(self, job: Job, channel: str) -> None:
+        engine = self._models.get(job.model)
+        if isinstance(engine, TokenCounter):
+            tokens = engine.count_tokens(to_generation_request(job))
+        else:
+            # The first output of every generation reports the prompt's tokens; closing the stream right
+            # there ends it before anything is decoded.
+            outputs = engine.generate(to_generation_request(job))
+            try:
+                tokens = next(outputs).prompt_tokens
+            finally:
+                if isinstance(outputs, Generator):
+                    outputs.close()
+        self._publish(channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=tokens))
+        self._store.finish(
+            job, self.worker, JobState.DONE, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0
+        )
+        self._publish(
+            channel,
+            events.Finished(
+                attempt=job.attempt, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0
+            ),
+        )
+
     def _watch(
         self, job: Job, abort: Callable[[str], None], outputs: Iterator[Output], watch: _Watch
     ) -> Iterator[Output]:
@@ -245,28 +273,9 @@ class JobRunner:
                     watch.yielded = True
                     abort(job.id)
 
-    def _fail(
-        self,
-        job: Job,
-        channel: str,
-        status: int,
-        message: str,
-        error_type: str,
-        code: str | None,
-        param: str | None,
-    ) -> None:
-        self._store.finish(job, self.worker, JobState.FAILED, error=message)
-        self._publish(
-            channel,
-            events.Failed(
-                attempt=job.attempt,
-                status=status,
-                message=message,
-                error_type=error_type,
-                code=code,
-                param=param,
-            ),
-        )
+    def _fail(self, job: Job, channel: str, code: ErrorCode, message: str, param: str | None) -> None:
+        self._store.finish(job, self.worker, JobState.FAILED, error=message, error_code=code.value)
+        self._publish(channel, events.Failed(attempt=job.attempt, code=code, message=message, param=param))
 
     def _publish(self, channel: str, event: events.AnyEvent) -> None:
         self._r.publish(channel, events.encode(event))

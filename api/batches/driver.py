@@ -153,7 +153,7 @@ class BatchDriver:
         await self.store.move(batch_id, "in_progress", ["validating"])
         try:
             requests = await asyncio.to_thread(parse, await self.files.read(batch.input_file_id))
-        except errors.OpenAIError as exc:
+        except errors.ApiError as exc:
             # The input file was deleted (or replaced) after the batch was accepted.
             await self._fail(batch, exc.code or "invalid_input_file", exc.message)
             return

@@ -11,17 +11,19 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from api import errors
+from api.adapters import chat, completions, embeddings
 from api.deps import model_spec
-from api.fanout import JobIds
-from api.jobs import Dispatcher, JobRun, RunOptions
+from api.jobs import Dispatcher, RunOptions
 from api.protocol.batches import LineError, LineResponse, RequestLine, ResultLine
 from api.protocol.chat import ChatCompletionRequest
 from api.protocol.completions import CompletionRequest
 from api.protocol.embeddings import EmbeddingRequest
-from api.routes import chat, completions, embeddings
+from api.serving.core import Outcome
+from api.serving.fanout import JobIds
 from queueing.catalog import Catalog, ModelSpec
 
-Complete = Callable[..., Awaitable[tuple[BaseModel, list[JobRun]]]]
+# An adapter's non-streamed path: (body, spec, dispatcher, disconnected, options, ids) -> (result, outcome).
+Complete = Callable[..., Awaitable[tuple[BaseModel, Outcome]]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ async def execute(
                 body=result.model_dump(mode="json"),
             ),
         )
-    except errors.OpenAIError as exc:
+    except errors.ApiError as exc:
         response = LineResponse(status_code=exc.status, request_id=line_id, body=exc.body())
         return ResultLine(id=line_id, custom_id=line.custom_id, response=response)
 
@@ -106,7 +108,7 @@ def unrun(line: RequestLine, code: str, message: str) -> ResultLine:
 def broken(line: RequestLine, message: str) -> ResultLine:
     """The error-file line of a request that could not be run for the server's own reasons."""
     line_id = f"batch_req_{uuid.uuid4().hex}"
-    body = errors.OpenAIError(500, message, "server_error").body()
+    body = errors.ApiError(500, message, "server_error").body()
     return ResultLine(
         id=line_id,
         custom_id=line.custom_id,

@@ -26,7 +26,7 @@ async def _batch(driver: BatchDriver, batch_id: str) -> Batch:
     found = await driver.store.get(batch_id)
     if found is None:
         message = f"No batch found with id '{batch_id}'."
-        raise errors.OpenAIError(404, message, "invalid_request_error", "batch_id", "batch_not_found")
+        raise errors.ApiError(404, message, "invalid_request_error", "batch_id", "batch_not_found")
     return found
 
 
@@ -84,7 +84,7 @@ async def cancel_batch(batch_id: str, request: Request) -> Batch:
     if batch.status in ("cancelling", "cancelled"):
         return batch
     if not await driver.store.move(batch_id, "cancelling", ["validating", "in_progress"]):
-        raise errors.OpenAIError(
+        raise errors.ApiError(
             409,
             f"Batch {batch_id} is {batch.status} and can no longer be cancelled.",
             "invalid_request_error",

@@ -17,7 +17,7 @@ def row(custom_id: str, **extra: object) -> bytes:
 
 
 def refused(data: bytes) -> str:
-    with pytest.raises(errors.OpenAIError) as caught:
+    with pytest.raises(errors.ApiError) as caught:
         parse(data)
     assert caught.value.status == 400 and caught.value.param == "input_file_id"
     return caught.value.message
@@ -41,7 +41,7 @@ def test_every_bad_line_is_named() -> None:
 
 def test_not_utf8_and_empty_files() -> None:
     assert "line 1 is not valid JSON" in refused(b"\xff\xfe\n")
-    with pytest.raises(errors.OpenAIError) as caught:
+    with pytest.raises(errors.ApiError) as caught:
         parse(b"\n\n")
     assert caught.value.code == "empty_file"
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from api.fanout import gather_or_cancel
+from api.serving.fanout import gather_or_cancel
 
 
 def test_results_in_order() -> None:

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from api import structured
-from api.errors import OpenAIError
+from api.adapters import chat
+from api.errors import ApiError
 from api.protocol.chat import ChatCompletionRequest
+from api.serving import structured
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = {
@@ -25,33 +26,36 @@ def request(**kw: Any) -> ChatCompletionRequest:
     )
 
 
+def plan_of(req: ChatCompletionRequest) -> structured.Plan:
+    return structured.plan(chat.conversation(req))
+
+
 def test_no_tools_no_format_is_plain_text() -> None:
-    plan = structured.plan(request())
+    plan = plan_of(request())
     assert plan.mode == "text" and plan.json_schema is None
     assert [m.role for m in plan.messages] == ["user"]
     assert structured.tool_call(plan, '{"name": "get_weather", "arguments": {}}') is None
 
 
 def test_named_function_constrains_to_its_parameters() -> None:
-    plan = structured.plan(
+    plan = plan_of(
         request(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     )
     assert plan.mode == "named" and plan.json_schema == PARAMS
     assert plan.messages[0].role == "system" and "get_weather" in plan.messages[0].content
     call = structured.tool_call(plan, ' {"city": "Oslo"}')
-    assert call is not None and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Oslo"}
-    assert call.id.startswith("call_")
+    assert call is not None and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Oslo"}
 
 
 def test_required_allows_any_tool_as_name_and_arguments() -> None:
-    plan = structured.plan(request(tools=[WEATHER, TIME], tool_choice="required"))
+    plan = plan_of(request(tools=[WEATHER, TIME], tool_choice="required"))
     assert plan.mode == "required" and plan.json_schema is not None
     branches = plan.json_schema["anyOf"]
     assert [b["properties"]["name"]["const"] for b in branches] == ["get_weather", "get_time"]
     assert branches[1]["properties"]["arguments"] == {"type": "object", "properties": {}}
     call = structured.tool_call(plan, '{"name": "get_time", "arguments": {}}')
-    assert call is not None and call.function.name == "get_time" and call.function.arguments == "{}"
+    assert call is not None and call.name == "get_time" and call.arguments == "{}"
 
 
 @pytest.mark.parametrize(
@@ -67,32 +71,32 @@ def test_required_allows_any_tool_as_name_and_arguments() -> None:
     ],
 )
 def test_auto_calls_only_known_tools_with_object_arguments(text: str, called: bool) -> None:
-    plan = structured.plan(request(tools=[WEATHER]))
+    plan = plan_of(request(tools=[WEATHER]))
     assert plan.mode == "auto" and plan.json_schema is None
     call = structured.tool_call(plan, text)
     assert (call is not None) == called
     if call is not None:
-        assert json.loads(call.function.arguments) == {"city": "Rome"}
+        assert json.loads(call.arguments) == {"city": "Rome"}
 
 
 def test_auto_holds_back_only_text_that_may_become_a_call() -> None:
-    plan = structured.plan(request(tools=[WEATHER]))
+    plan = plan_of(request(tools=[WEATHER]))
     assert plan.may_call("") and plan.may_call("  ") and plan.may_call(' {"na')
     assert plan.may_call("```") and plan.may_call("<tool_call>")
     assert not plan.may_call("Sure")
 
 
 def test_none_hides_the_tools() -> None:
-    plan = structured.plan(request(tools=[WEATHER], tool_choice="none"))
+    plan = plan_of(request(tools=[WEATHER], tool_choice="none"))
     assert plan.mode == "text" and all("get_weather" not in m.content for m in plan.messages)
 
 
 def test_response_format_json_schema_and_json_object() -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PARAMS}}
-    plan = structured.plan(request(response_format=fmt))
+    plan = plan_of(request(response_format=fmt))
     assert plan.mode == "text" and plan.json_schema == PARAMS
-    assert structured.plan(request(response_format={"type": "json_object"})).json_schema == {"type": "object"}
-    assert structured.plan(request(response_format={"type": "text"})).json_schema is None
+    assert plan_of(request(response_format={"type": "json_object"})).json_schema == {"type": "object"}
+    assert plan_of(request(response_format={"type": "text"})).json_schema is None
 
 
 def test_history_with_tool_calls_and_results() -> None:
@@ -112,7 +116,7 @@ def test_history_with_tool_calls_and_results() -> None:
         },
         {"role": "tool", "tool_call_id": "c1", "content": "-3 and snow"},
     ]
-    plan = structured.plan(request(messages=messages, tools=[WEATHER]))
+    plan = plan_of(request(messages=messages, tools=[WEATHER]))
     roles = [m.role for m in plan.messages]
     assert roles == ["system", "user", "assistant", "tool"]
     assert plan.messages[0].content.startswith("Be brief.") and "get_weather" in plan.messages[0].content
@@ -128,12 +132,12 @@ def test_history_with_tool_calls_and_results() -> None:
     ],
 )
 def test_inconsistent_tool_choice_is_a_400_naming_it(kw: dict[str, Any]) -> None:
-    with pytest.raises(OpenAIError) as info:
-        structured.plan(request(**kw))
+    with pytest.raises(ApiError) as info:
+        plan_of(request(**kw))
     assert info.value.status == 400 and info.value.param == "tool_choice"
 
 
 def test_json_schema_format_without_its_schema_object_is_a_400() -> None:
-    with pytest.raises(OpenAIError) as info:
-        structured.plan(request(response_format={"type": "json_schema"}))
+    with pytest.raises(ApiError) as info:
+        plan_of(request(response_format={"type": "json_schema"}))
     assert info.value.param == "response_format"

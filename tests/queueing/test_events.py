@@ -8,7 +8,7 @@ def test_events_round_trip_through_the_wire() -> None:
         events.Started(attempt=1, worker="w", prompt_tokens=3),
         events.Delta(attempt=1, text="héllo"),
         events.Finished(attempt=2, finish_reason="length", prompt_tokens=3, completion_tokens=4, text="x"),
-        events.Failed(attempt=1, status=400, message="m", error_type="invalid_request_error", code="c"),
+        events.Failed(attempt=1, code=events.ErrorCode.UNSUPPORTED_VALUE, message="m", param="p"),
     ]
     assert [events.decode(events.encode(e)) for e in sent] == sent
     assert [events.decode(events.encode(e).encode()) for e in sent] == sent

@@ -9,28 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
-from api.protocol.base import Usage
 from queueing import events
 from queueing.jobs import Job
 
 T = TypeVar("T")
-WORKER_HEADER = "x-inferq-worker"
 # Names the jobs of one request: job index -> job id. Batch lines name theirs after the line, so that an API
 # process taking over a batch finds the jobs already running; requests leave the ids random.
 JobIds = Callable[[int], str]
-
-
-def usage(finished: Sequence[events.Finished], prompts: int = 1) -> Usage:
-    """Usage of fanned-out jobs: each prompt counts once however many choices it has (as OpenAI counts n)."""
-    per_prompt = len(finished) // prompts
-    prompt = sum(f.prompt_tokens for f in finished[::per_prompt])
-    completion = sum(f.completion_tokens for f in finished)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
-    # run.worker, not the first Started: a re-queued job finishes on another worker.
-    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
 
 
 async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
@@ -62,7 +47,7 @@ async def start_all(
 
 
 async def start_streams(
-    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected
+    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected | None
 ) -> tuple[list[JobRun], contextlib.AsyncExitStack]:
     """Start streamed jobs; the caller closes the returned stack when the response ends (it is closed here
     if starting fails)."""

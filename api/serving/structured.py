@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from api import errors
-from api.protocol.chat import ChatCompletionRequest, ChatMessageParam
-from api.protocol.tools import FunctionCall, Tool, ToolCall
+from api.serving.conversation import Call, Conversation, Function, Named, Turn
 from queueing.jobs import ChatMessage
 
 Mode = Literal["text", "auto", "required", "named"]
@@ -32,7 +31,7 @@ class Plan:
     mode: Mode
     messages: list[ChatMessage]
     json_schema: dict[str, Any] | None
-    tools: dict[str, Tool]
+    tools: dict[str, Function]
     function: str | None = None  # the function a `named` plan calls
 
     def may_call(self, text_so_far: str) -> bool:
@@ -42,24 +41,23 @@ class Plan:
         return self.mode in ("required", "named")
 
 
-def _parameters(tool: Tool) -> dict[str, Any]:
-    return tool.function.parameters or {"type": "object", "properties": {}}
+def _parameters(tool: Function) -> dict[str, Any]:
+    return tool.parameters or {"type": "object", "properties": {}}
 
 
-def _describe(tools: list[Tool]) -> str:
+def _describe(tools: list[Function]) -> str:
     specs = [
-        {"name": t.function.name, "description": t.function.description or "", "parameters": _parameters(t)}
-        for t in tools
+        {"name": t.name, "description": t.description or "", "parameters": _parameters(t)} for t in tools
     ]
     return json.dumps(specs)
 
 
-def _instructions(req: ChatCompletionRequest, mode: Mode, function: str | None) -> str | None:
-    tools = req.tools or []
+def _instructions(conv: Conversation, mode: Mode, function: str | None) -> str | None:
+    tools = conv.tools
     if mode == "named":
-        tool = next(t for t in tools if t.function.name == function)
+        tool = next(t for t in tools if t.name == function)
         return (
-            f"Call the function `{function}` ({tool.function.description or 'no description'}). Reply with "
+            f"Call the function `{function}` ({tool.description or 'no description'}). Reply with "
             f"only its arguments as a JSON object matching this schema: {json.dumps(_parameters(tool))}"
         )
     if mode == "required":
@@ -69,26 +67,21 @@ def _instructions(req: ChatCompletionRequest, mode: Mode, function: str | None) 
             f"You can call these functions: {_describe(tools)}\nTo call one, {_CALL_FORMAT}. "
             "Otherwise answer in plain text."
         )
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
-        return (
-            f"Reply with only a JSON object matching this schema: {json.dumps(fmt.json_schema.schema_ or {})}"
-        )
-    if fmt is not None and fmt.type == "json_object":
+    fmt = conv.output
+    if fmt is not None and fmt.kind == "json_schema" and fmt.schema:
+        return f"Reply with only a JSON object matching this schema: {json.dumps(fmt.schema)}"
+    if fmt is not None:
         return "Reply with only a JSON object."
     return None
 
 
-def _history(m: ChatMessageParam) -> ChatMessage:
-    text = m.text()
-    if m.role == "assistant" and m.tool_calls:
+def _history(turn: Turn) -> ChatMessage:
+    text = turn.text
+    if turn.role == "assistant" and turn.calls:
         # Earlier calls are shown in the format the model is asked to call in.
-        calls = [
-            json.dumps({"name": c.function.name, "arguments": _loads_or_text(c.function.arguments)})
-            for c in m.tool_calls
-        ]
+        calls = [json.dumps({"name": c.name, "arguments": _loads_or_text(c.arguments)}) for c in turn.calls]
         text = "\n".join([text, *calls]) if text else "\n".join(calls)
-    return ChatMessage(role=m.role, content=text)
+    return ChatMessage(role=turn.role, content=text)
 
 
 def _loads_or_text(arguments: str) -> Any:
@@ -107,43 +100,34 @@ def _with_system(messages: list[ChatMessage], note: str | None) -> list[ChatMess
     return [ChatMessage(role="system", content=note), *messages]
 
 
-def _response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+def _response_schema(conv: Conversation) -> dict[str, Any] | None:
+    fmt = conv.output
+    if fmt is None:
         return None
-    if fmt.type == "json_object" or fmt.json_schema is None or not fmt.json_schema.schema_:
-        return {"type": "object"}
-    return fmt.json_schema.schema_
+    return fmt.schema if fmt.kind == "json_schema" and fmt.schema else {"type": "object"}
 
 
-def _check(req: ChatCompletionRequest, tools: dict[str, Tool]) -> None:
-    choice = req.tool_choice
+def _check(conv: Conversation, tools: dict[str, Function]) -> None:
+    choice, param = conv.tool_choice, conv.tool_choice_param
     if choice == "required" and not tools:
-        raise errors.invalid_request("tool_choice `required` needs `tools`.", "tool_choice", "invalid_value")
-    if choice is not None and not isinstance(choice, str) and choice.function.name not in tools:
+        raise errors.invalid_request(f"{param} `required` needs `tools`.", param, "invalid_value")
+    if isinstance(choice, Named) and choice.name not in tools:
         raise errors.invalid_request(
-            f"tool_choice names `{choice.function.name}`, which is not in `tools`.",
-            "tool_choice",
-            "invalid_value",
-        )
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-        raise errors.invalid_request(
-            "response_format `json_schema` needs a `json_schema` object.", "response_format", "invalid_value"
+            f"{param} names `{choice.name}`, which is not in `tools`.", param, "invalid_value"
         )
 
 
-def plan(req: ChatCompletionRequest) -> Plan:
-    tools = {t.function.name: t for t in req.tools or []}
-    _check(req, tools)
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+def plan(conv: Conversation) -> Plan:
+    tools = {t.name: t for t in conv.tools}
+    _check(conv, tools)
+    choice = conv.tool_choice if conv.tool_choice is not None else ("auto" if tools else "none")
     function: str | None = None
     schema: dict[str, Any] | None
     if not tools or choice == "none":
         mode: Mode = "text"
-        schema = _response_schema(req)
+        schema = _response_schema(conv)
     elif choice == "auto":
-        mode, schema = "auto", _response_schema(req)
+        mode, schema = "auto", _response_schema(conv)
     elif choice == "required":
         mode = "required"
         schema = {
@@ -157,24 +141,25 @@ def plan(req: ChatCompletionRequest) -> Plan:
             ]
         }
     else:
-        mode, function = "named", choice.function.name
+        assert isinstance(choice, Named)
+        mode, function = "named", choice.name
         schema = _parameters(tools[function])
-    messages = [_history(m) for m in req.messages]
+    messages = [_history(t) for t in conv.turns]
     return Plan(
         mode=mode,
-        messages=_with_system(messages, _instructions(req, mode, function)),
+        messages=_with_system(messages, _instructions(conv, mode, function)),
         json_schema=schema,
         tools=tools if mode != "text" else {},
         function=function,
     )
 
 
-def tool_call(plan: Plan, text: str) -> ToolCall | None:
+def tool_call(plan: Plan, text: str) -> Call | None:
     """The tool call the output makes, or None when it is plain content."""
     if plan.mode == "named":
         assert plan.function is not None
         # The output is the arguments themselves (valid JSON when the engine constrained it).
-        return ToolCall(function=FunctionCall(name=plan.function, arguments=text.strip()))
+        return Call(name=plan.function, arguments=text.strip())
     if plan.mode == "text":
         return None
     try:
@@ -186,4 +171,4 @@ def tool_call(plan: Plan, text: str) -> ToolCall | None:
     arguments = parsed.get("arguments", parsed.get("parameters", {}))
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(function=FunctionCall(name=parsed["name"], arguments=json.dumps(arguments)))
+    return Call(name=parsed["name"], arguments=json.dumps(arguments))

@@ -1,0 +1,135 @@
+"""Legacy completions over the serving core: every prompt times ``n`` is one job; choice ``p * n + i`` is
+prompt p's i-th."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Response
+from fastapi.responses import JSONResponse
+
+from api import errors
+from api.adapters.chat import OPENAI_FRAMING, openai_usage
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
+from api.protocol.completions import (
+    Completion,
+    CompletionChoice,
+    CompletionFinishReason,
+    CompletionLogprobs,
+    CompletionRequest,
+)
+from api.serving import core, fanout, sse
+from api.serving.fanout import JobIds
+from queueing import events
+from queueing.catalog import ModelSpec
+from queueing.jobs import Job
+
+
+def _logprobs(items: list[events.TokenLogprob] | None, offset: int) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    out = CompletionLogprobs()
+    for t in items:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({a.token: a.logprob for a in t.top})
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
+
+
+def _finish_reason(finished: events.Finished) -> CompletionFinishReason:
+    return "length" if finished.finish_reason == "length" else "stop"
+
+
+def work(body: CompletionRequest, spec: ModelSpec, ids: JobIds | None = None) -> core.Work:
+    """The jobs of one completions request: prompt p's i-th choice is job ``p * n + i``."""
+    if body.suffix:
+        raise errors.invalid_request("`suffix` is not supported.", "suffix", "unsupported_value")
+    if body.echo and body.logprobs is not None:
+        # Prompt tokens' logprobs would need the logits of every prompt position, which workers do not keep.
+        raise errors.invalid_request(
+            "`echo` together with `logprobs` is not supported.", "logprobs", "unsupported_value"
+        )
+    sampling = body.to_sampling(spec)
+    jobs = [
+        Job(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            kind="completion",
+            model=body.model,
+            prompt=prompt,
+            sampling=sampling.model_copy(update={"seed": None if body.seed is None else body.seed + i}),
+            stream=body.stream,
+        )
+        for prompt in body.prompts()
+        for i in range(body.n)
+    ]
+    return core.Work(fanout.named(jobs, ids), prompts=len(body.prompts()))
+
+
+async def complete(
+    body: CompletionRequest,
+    spec: ModelSpec,
+    dispatcher: Dispatcher,
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+    ids: JobIds | None = None,
+) -> tuple[Completion, core.Outcome]:
+    """A non-streamed completion, start to end (the route's and a batch line's)."""
+    w = work(body, spec, ids)
+    outcome = await core.complete(dispatcher, w, disconnected, options)
+    choices = []
+    for i, (job, f) in enumerate(zip(w.jobs, outcome.finished, strict=True)):
+        head = (job.prompt or "") if body.echo else ""
+        choices.append(
+            CompletionChoice(
+                text=head + (f.text or ""),
+                index=i,
+                logprobs=_logprobs(f.logprobs, len(head)),
+                finish_reason=_finish_reason(f),
+            )
+        )
+    completion = Completion(
+        id=w.jobs[0].id, model=body.model, choices=choices, usage=openai_usage(outcome.usage)
+    )
+    return completion, outcome
+
+
+async def respond(
+    body: CompletionRequest, spec: ModelSpec, dispatcher: Dispatcher, disconnected: Disconnected
+) -> Response:
+    if not body.stream:
+        completion, outcome = await complete(body, spec, dispatcher, disconnected)
+        return JSONResponse(completion.model_dump(mode="json"), headers=outcome.headers)
+    stream = await core.start_stream(dispatcher, work(body, spec), disconnected)
+    return sse.respond(_chunks(body, stream), OPENAI_FRAMING, stream.close, stream.headers)
+
+
+async def _chunks(body: CompletionRequest, stream: core.Stream) -> AsyncIterator[sse.Frame]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    created = int(time.time())
+    jobs = stream.work.jobs
+    offsets = [0] * len(jobs)
+
+    def chunk(choice: CompletionChoice) -> sse.Frame:
+        c = Completion(id=jobs[0].id, created=created, model=body.model, choices=[choice])
+        return sse.Frame(c.model_dump_json(exclude=None if include_usage else {"usage"}))
+
+    if body.echo:
+        for i, job in enumerate(jobs):
+            offsets[i] = len(job.prompt or "")
+            yield chunk(CompletionChoice(text=job.prompt or "", index=i))
+    async for i, event in stream.events():
+        if isinstance(event, events.Delta):
+            logprobs = _logprobs(event.logprobs, offsets[i])
+            offsets[i] += len(event.text)
+            yield chunk(CompletionChoice(text=event.text, index=i, logprobs=logprobs))
+        else:
+            yield chunk(CompletionChoice(text="", index=i, finish_reason=_finish_reason(event)))
+    if include_usage:
+        last = Completion(
+            id=jobs[0].id, created=created, model=body.model, choices=[], usage=openai_usage(stream.usage)
+        )
+        yield sse.Frame(last.model_dump_json())

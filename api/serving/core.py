@@ -1,0 +1,148 @@
+"""The serving core under every protocol: jobs in, neutral events or a neutral result out.
+
+A protocol adapter (api/adapters/) turns its request into ``Work`` (the jobs to run and how to count their
+usage), then either ``complete``s it (every job's ``Finished``) or ``start_stream``s it (each job's deltas
+as they come, tagged with the job's index). Fan-out over several jobs, waiting for a worker, cancelling on
+disconnect and usage are done here once; the adapter only renders the result in its wire shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
+from api.serving import fanout, structured
+from queueing import events
+from queueing.jobs import Job, Sampling
+
+WORKER_HEADER = "x-inferq-worker"
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    # Prompt tokens an engine took from its prefix cache.
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage(finished: Sequence[events.Finished], prompts: int = 1) -> TokenUsage:
+    """Usage of fanned-out jobs: each prompt counts once however many choices it has (as OpenAI counts n)."""
+    if not finished:
+        return TokenUsage(0, 0)
+    per_prompt = max(len(finished) // max(prompts, 1), 1)
+    firsts = finished[::per_prompt]
+    return TokenUsage(
+        prompt_tokens=sum(f.prompt_tokens for f in firsts),
+        completion_tokens=sum(f.completion_tokens for f in finished),
+        cached_tokens=sum(f.cached_tokens for f in firsts),
+    )
+
+
+def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
+    # run.worker, not the first Started: a re-queued job finishes on another worker.
+    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one request asks of the fleet: its jobs, and how many distinct prompts they hold (``n``
+    choices of one prompt are ``n`` jobs of one prompt)."""
+
+    jobs: list[Job]
+    prompts: int = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished non-streamed request: every job's end, in job order, and the runs that served them."""
+
+    work: Work
+    finished: list[events.Finished]
+    runs: list[JobRun]
+
+    @property
+    def usage(self) -> TokenUsage:
+        return usage(self.finished, self.work.prompts)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return workers_header(self.runs)
+
+
+async def complete(
+    dispatcher: Dispatcher,
+    work: Work,
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+) -> Outcome:
+    finished, runs = await fanout.complete_all(dispatcher, work.jobs, disconnected, options)
+    return Outcome(work, finished, runs)
+
+
+@dataclass
+class Stream:
+    """A started streamed request. ``events()`` yields ``(job index, Delta | Finished)`` until every job
+    finished, and raises the first error; ``close()`` (idempotent) cancels what is still running."""
+
+    work: Work
+    runs: list[JobRun]
+    stack: contextlib.AsyncExitStack
+    finished: list[events.Finished | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.finished = [None] * len(self.runs)
+
+    async def events(self) -> AsyncIterator[tuple[int, events.Delta | events.Finished]]:
+        async for i, event in fanout.merged(self.runs):
+            if isinstance(event, events.Finished):
+                self.finished[i] = event
+            yield i, event
+
+    @property
+    def usage(self) -> TokenUsage:
+        return usage([f for f in self.finished if f is not None], self.work.prompts)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return workers_header(self.runs)
+
+    async def close(self) -> None:
+        await self.stack.aclose()
+
+
+async def start_stream(dispatcher: Dispatcher, work: Work, disconnected: Disconnected | None) -> Stream:
+    """Enqueue the jobs and wait until each was accepted: errors until then are plain HTTP errors."""
+    runs, stack = await fanout.start_streams(dispatcher, work.jobs, disconnected)
+    return Stream(work, runs, stack)
+
+
+def chat_work(
+    model: str,
+    plan: structured.Plan,
+    sampling: Sampling,
+    *,
+    n: int = 1,
+    stream: bool = False,
+    ids: fanout.JobIds | None = None,
+) -> Work:
+    """The jobs of one chat-like request (chat completions, responses, messages): one per choice."""
+    jobs = [
+        Job(
+            model=model,
+            messages=plan.messages,
+            # Choice i of a seeded request is seeded seed+i: repeatable, yet the choices differ.
+            sampling=sampling.model_copy(
+                update={"seed": None if sampling.seed is None else sampling.seed + i}
+            ),
+            stream=stream,
+        )
+        for i in range(n)
+    ]
+    return Work(fanout.named(jobs, ids))
