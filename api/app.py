@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aredis
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
+from starlette.requests import HTTPConnection
 
 from api import auth, errors
 from api.batches.driver import BatchDriver
@@ -20,7 +21,21 @@ from api.files import Files
 from api.filestore import LocalFileStore
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
-from api.routes import batches, chat, completions, embeddings, files, management, metrics, models, system
+from api.responses.service import Responses
+from api.responses.store import ResponseStore
+from api.routes import (
+    batches,
+    chat,
+    completions,
+    embeddings,
+    files,
+    management,
+    messages,
+    metrics,
+    models,
+    responses,
+    system,
+)
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
@@ -29,9 +44,10 @@ from queueing.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 
-async def _routing_header(request: Request) -> None:
-    """Reads the per-request routing override once for every endpoint (see api.jobs.requested_routing)."""
-    requested_routing.set(parse_routing(request.headers.get(ROUTING_HEADER)))
+async def _routing_header(connection: HTTPConnection) -> None:
+    """Reads the per-request routing override once for every endpoint (see api.jobs.requested_routing);
+    an HTTPConnection, so that WebSocket routes (Responses' WebSocket mode) get it too."""
+    requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
@@ -55,9 +71,13 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             BatchStore(client), app.state.files, app.state.dispatcher, catalog, settings
         )
         app.state.batches.start()
+        app.state.responses = Responses(
+            app.state.dispatcher, ResponseStore(client, settings.response_ttl), catalog
+        )
         try:
             yield
         finally:
+            await app.state.responses.close()
             await app.state.batches.stop()
             await hub.close()
             await client.aclose()
@@ -65,7 +85,19 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
-    for module in (chat, completions, embeddings, models, files, batches, system, management, metrics):
+    for module in (
+        chat,
+        completions,
+        embeddings,
+        responses,
+        messages,
+        models,
+        files,
+        batches,
+        system,
+        management,
+        metrics,
+    ):
         app.include_router(module.router)
     keys = auth.Keys.from_settings(settings)
     if keys is not None:

@@ -9,6 +9,7 @@ on its path alone, so a route, the key check and the validation handler need not
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api.protocol.messages import ErrorResponse
 from queueing.events import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -156,39 +158,36 @@ def invalid_body(problems: Sequence[Any]) -> ApiError:
 
 
 ANTHROPIC_PATHS = "/v1/messages"
-# Anthropic's error types by status; 503 (no worker, nothing loaded) is its `overloaded_error`, status 529.
-_ANTHROPIC: dict[int, tuple[int, str]] = {
-    400: (400, "invalid_request_error"),
-    401: (401, "authentication_error"),
-    403: (403, "permission_error"),
-    404: (404, "not_found_error"),
-    413: (413, "request_too_large"),
-    429: (429, "rate_limit_error"),
-    503: (529, "overloaded_error"),
-}
+# Anthropic answers every request with a `request-id` header (errors name it in their body too).
+REQUEST_ID_HEADER = "request-id"
 
 
 def is_anthropic(path: str) -> bool:
     return path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")
 
 
-def anthropic_body(err: ApiError) -> tuple[int, dict[str, Any]]:
-    """Anthropic's status and envelope for ``err``."""
-    status, kind = _ANTHROPIC.get(
-        err.status, (err.status, "api_error" if err.status >= 500 else "invalid_request_error")
-    )
-    return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+def anthropic_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:24]}"
 
 
-def envelope(path: str, err: ApiError) -> tuple[int, dict[str, Any]]:
+def anthropic_body(err: ApiError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Anthropic's status and envelope for ``err`` (the mapping of statuses is the protocol module's)."""
+    status, body = ErrorResponse.for_status(err.status, err.message, request_id)
+    return status, body.model_dump(mode="json", exclude_none=True)
+
+
+def envelope(path: str, err: ApiError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """The status and body that a request to ``path`` gets for ``err``, in its protocol's envelope."""
     if is_anthropic(path):
-        return anthropic_body(err)
+        return anthropic_body(err, request_id)
     return err.status, err.body()
 
 
 def respond(path: str, err: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    status, body = envelope(path, err)
+    request_id = anthropic_request_id() if is_anthropic(path) else None
+    status, body = envelope(path, err, request_id)
+    if request_id is not None:
+        headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -180,6 +180,8 @@ class JobRun:
     limits: Limits
     attempt: int = 1
     worker: str | None = None
+    # The prompt's length as the worker's Started reported it: known before any output is (message_start).
+    prompt_tokens: int = 0
     finished: bool = False
     _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
@@ -235,7 +237,7 @@ class JobRun:
                 self.finished = True
                 raise errors.from_failure(event.code, event.message, event.param)
             if isinstance(event, events.Started):
-                self.worker = event.worker
+                self.worker, self.prompt_tokens = event.worker, event.prompt_tokens
             if isinstance(event, events.Finished):
                 self.finished = True
             yield event
@@ -292,6 +294,7 @@ class JobRun:
             prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens,
             cached_tokens=record.cached_tokens,
+            stop_sequence=record.stop_sequence,
             text=None if self.job.stream else text,
             embeddings=None if record.embeddings is None else json.loads(record.embeddings),
         )

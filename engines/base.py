@@ -53,6 +53,8 @@ class Output:
     finish_reason: FinishReason | None = None
     # The tokens produced in this step, when the request asked for logprobs.
     logprobs: list[TokenLogprob] | None = None
+    # On the last output: the stop string of the request that ended the generation, if one did.
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,7 @@ class LlamaCppEngine:
             prompt_tokens=len(prompt),
             completion_tokens=produced,
             finish_reason=finish,
+            stop_sequence=stops.matched,
         )
 
     def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:

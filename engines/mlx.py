@@ -153,7 +153,13 @@ class MlxEngine:
                 finish = "stop"
             else:
                 tail += stops.flush()
-        yield Output(text=tail, prompt_tokens=len(prompt), completion_tokens=produced, finish_reason=finish)
+        yield Output(
+            text=tail,
+            prompt_tokens=len(prompt),
+            completion_tokens=produced,
+            finish_reason=finish,
+            stop_sequence=stops.matched,
+        )
 
     def _logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
         """generate_step yields each token with the log-probabilities over the vocabulary it came from."""

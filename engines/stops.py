@@ -13,14 +13,17 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        # The stop string that ended the text (the earliest in it), once ``stopped``.
+        self.matched: str | None = None
 
     def push(self, text: str) -> str:
         """Add new text; return what may be released. Sets ``stopped`` when a stop string completed."""
         if not self._stops:
             return text
         held = self._held + text
-        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, s) for s in self._stops if (i := held.find(s)) >= 0]
+        if hits:
+            cut, self.matched = min(hits, key=lambda hit: hit[0])
             self._held = ""
             self.stopped = True
             return held[:cut]

@@ -194,7 +194,7 @@ class VllmEngine:
                     break
                 if isinstance(item, BaseException):
                     raise EngineError(f"vLLM failed: {item}") from item
-                text, n_tokens, reason, logprobs = item
+                text, n_tokens, reason, logprobs, stop_sequence = item
                 produced += n_tokens
                 finish = FINISH.get(reason, "stop") if reason else None
                 if text or finish or logprobs:
@@ -204,6 +204,7 @@ class VllmEngine:
                         completion_tokens=produced,
                         finish_reason=finish,
                         logprobs=logprobs,
+                        stop_sequence=stop_sequence,
                     )
             if finish is None:
                 # Aborted before vLLM reported a reason (the task was cancelled): say so.
@@ -226,7 +227,9 @@ class VllmEngine:
                 out = result.outputs[0]
                 reason = out.finish_reason if result.finished else None
                 logprobs = _logprobs(out, params.logprobs)
-                stream.outputs.put((out.text, len(out.token_ids), reason, logprobs))
+                # A matched stop string; vLLM reports a stop token by its id (an int) instead.
+                stop = out.stop_reason if reason and isinstance(out.stop_reason, str) else None
+                stream.outputs.put((out.text, len(out.token_ids), reason, logprobs, stop))
         except asyncio.CancelledError:
             pass  # abort(): the engine's generate() aborts the request in vLLM as it unwinds
         except Exception as exc:

@@ -42,6 +42,8 @@ class Finished(BaseModel):
     completion_tokens: int
     # Prompt tokens the engine took from its prefix cache instead of evaluating them.
     cached_tokens: int = 0
+    # The request's stop string that ended the output (finish_reason "stop"), if one did.
+    stop_sequence: str | None = None
     # The whole completion, for non-streamed jobs (they publish no deltas).
     text: str | None = None
     logprobs: list[TokenLogprob] | None = None

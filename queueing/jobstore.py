@@ -113,6 +113,7 @@ class JobRecord(BaseModel):
     # Set when the job ended (done, cancelled):
     text: str = ""
     finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    stop_sequence: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

@@ -58,6 +58,9 @@ BATCH_PREFIX = f"{PREFIX}:batch:"
 BATCHES_INDEX = f"{PREFIX}:batches"
 BATCHES_ACTIVE = f"{PREFIX}:batches:active"
 BATCH_LEASE_PREFIX = f"{PREFIX}:lock:batch:"
+# Stored Responses API objects (JSON: owner, response, context) and the event log a background response
+# writes (a Redis stream whose entry ids are the sequence numbers: replayed from any of them).
+RESPONSE_PREFIX = f"{PREFIX}:response:"
 
 
 def model_queue(model: str) -> str:
@@ -130,3 +133,11 @@ def batch_results_key(batch_id: str) -> str:
 
 def batch_lease_key(batch_id: str) -> str:
     return f"{BATCH_LEASE_PREFIX}{batch_id}"
+
+
+def response_key(response_id: str) -> str:
+    return f"{RESPONSE_PREFIX}{response_id}"
+
+
+def response_events_key(response_id: str) -> str:
+    return f"{RESPONSE_PREFIX}{response_id}:events"

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     batch_no_worker_timeout: float = Field(
         600.0, description="How long a batch line waits for a worker that serves its model before it fails."
     )
+    response_ttl: int = Field(
+        7 * 24 * 3600, gt=0, description="Seconds a stored Responses API object (and its event log) is kept."
+    )
     llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
 
     def model_list(self) -> list[str]:

@@ -171,6 +171,8 @@ class JobRunner:
             # (A line that ended on its own before the abort took effect is finished below as usual.)
             raise Yielded(self._store.yield_slot(job, self.worker))
         reason = last.finish_reason or "stop"
+        # Only a stop string ends a job with one; a record field cannot hold None, so it is left out.
+        stop = {"stop_sequence": last.stop_sequence} if last.stop_sequence is not None else {}
         text = "".join(parts)
         decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
         self._store.finish(
@@ -181,6 +183,7 @@ class JobRunner:
             finish_reason=reason,
             prompt_tokens=first.prompt_tokens,
             completion_tokens=last.completion_tokens,
+            **stop,
         )
         self._publish(
             channel,
@@ -189,6 +192,7 @@ class JobRunner:
                 finish_reason=reason,
                 prompt_tokens=first.prompt_tokens,
                 completion_tokens=last.completion_tokens,
+                stop_sequence=last.stop_sequence,
                 text=None if job.stream else text,
                 logprobs=None if job.stream else logprobs,
             ),

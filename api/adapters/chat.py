@@ -37,7 +37,7 @@ from queueing import events
 from queueing.catalog import ModelSpec
 
 # OpenAI's chat and completions streams: an error is a data line with the error envelope, then [DONE].
-OPENAI_FRAMING = sse.Framing(error=lambda exc: sse.Frame(json.dumps(exc.body())), done=sse.DONE)
+OPENAI_FRAMING = sse.Framing(error=lambda exc: [sse.Frame(json.dumps(exc.body()))], done=sse.DONE)
 
 
 def openai_usage(u: core.TokenUsage) -> Usage:

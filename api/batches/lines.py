@@ -11,13 +11,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from api import errors
-from api.adapters import chat, completions, embeddings
+from api.adapters import chat, completions, embeddings, responses
 from api.deps import model_spec
 from api.jobs import Dispatcher, RunOptions
 from api.protocol.batches import LineError, LineResponse, RequestLine, ResultLine
 from api.protocol.chat import ChatCompletionRequest
 from api.protocol.completions import CompletionRequest
 from api.protocol.embeddings import EmbeddingRequest
+from api.protocol.responses import ResponsesRequest
 from api.serving.core import Outcome
 from api.serving.fanout import JobIds
 from queueing.catalog import Catalog, ModelSpec
@@ -28,7 +29,7 @@ Complete = Callable[..., Awaitable[tuple[BaseModel, Outcome]]]
 
 @dataclass(frozen=True)
 class Endpoint:
-    request: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]
+    request: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest]
     complete: Complete
     # The prefix of the endpoint's own response ids, which name its jobs too.
     prefix: str
@@ -38,6 +39,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(ChatCompletionRequest, chat.complete, "chatcmpl"),
     "/v1/completions": Endpoint(CompletionRequest, completions.complete, "cmpl"),
     "/v1/embeddings": Endpoint(EmbeddingRequest, embeddings.complete, "embd"),
+    "/v1/responses": Endpoint(ResponsesRequest, responses.complete, "resp"),
 }
 
 
@@ -84,7 +86,7 @@ async def execute(
 
 def _request(
     handler: Endpoint, raw: dict[str, Any], catalog: Catalog
-) -> tuple[ChatCompletionRequest | CompletionRequest | EmbeddingRequest, ModelSpec]:
+) -> tuple[ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest, ModelSpec]:
     try:
         body = handler.request.model_validate(raw)
     except ValidationError as exc:

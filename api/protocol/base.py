@@ -22,7 +22,8 @@ class OpenAIBaseModel(BaseModel):
     @classmethod
     def _log_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name in data.keys() - cls.model_fields.keys():
+            known = {f.alias or n for n, f in cls.model_fields.items()} | cls.model_fields.keys()
+            for name in data.keys() - known:
                 if (cls.__name__, name) not in _seen_unknown:
                     _seen_unknown.add((cls.__name__, name))
                     logger.info("%s: ignoring unknown field %r", cls.__name__, name)

@@ -1,5 +1,5 @@
 """Anthropic's Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``): request, response and
-error models, in the field order of Anthropic's reference. The stream events are in ``messages_stream``.
+error models. The stream events are in ``messages_stream``.
 
 inferq serves text and client tools only: a content block other than ``text``, ``tool_use`` and
 ``tool_result``, or a server tool (``web_search_…``, ``bash_…``, …), fails validation with a message that
@@ -57,12 +57,18 @@ def _only(kinds: tuple[str, ...]) -> BeforeValidator:
     names = ", ".join(repr(k) for k in kinds)
 
     def check(value: Any) -> Any:
-        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-        if kind not in kinds:
+        # Anything but a dict (a model built in code, a stray string) is left to the union to judge.
+        if isinstance(value, dict) and value.get("type") not in kinds:
+            if "type" not in value:
+                raise PydanticCustomError(
+                    "missing_block_type",
+                    "a content block needs a `type`; supported types: {names}",
+                    {"names": names},
+                )
             raise PydanticCustomError(
                 "unsupported_content_block",
                 "content block type {kind} is not supported here; supported types: {names}",
-                {"kind": repr(kind), "names": names},
+                {"kind": repr(value["type"]), "names": names},
             )
         return value
 
@@ -143,7 +149,7 @@ def _custom_tool(value: Any) -> Any:
         raise PydanticCustomError(
             "unsupported_tool",
             "tool type {kind} is not supported: inferq runs client tools only "
-            "({{name, description, input_schema}}, type 'custom' or none); server tools are not available",
+            "(name, description, input_schema; type 'custom' or none), not server tools",
             {"kind": repr(kind)},
         )
     return value
@@ -164,8 +170,8 @@ class ToolChoice(AnthropicBaseModel):
 
     @model_validator(mode="after")
     def _name_with_tool(self) -> ToolChoice:
-        if (self.type == "tool") != (self.name is not None):
-            raise ValueError("`name` is required with type 'tool' and only allowed there")
+        if self.type == "tool" and not self.name:
+            raise ValueError("`name` is required with tool_choice type 'tool'")
         return self
 
 
@@ -185,7 +191,9 @@ class ConversationRequest(AnthropicBaseModel):
     tools: list[Annotated[ToolParam, BeforeValidator(_custom_tool)]] | None = Field(
         None, max_length=128, description="Client tools the model may call."
     )
-    tool_choice: ToolChoice | None = Field(None, description="`auto` (default with tools), `any`, `tool`, `none`.")
+    tool_choice: ToolChoice | None = Field(
+        None, description="`auto` (default with tools), `any`, `tool`, `none`."
+    )
 
     def system_text(self) -> str:
         return text_of(self.system or [])
@@ -243,7 +251,13 @@ class ToolUseBlock(BaseModel):
 
 ContentBlock = Annotated[TextBlock | ToolUseBlock, Field(discriminator="type")]
 StopReason = Literal[
-    "end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal", "model_context_window_exceeded"
+    "end_turn",
+    "max_tokens",
+    "stop_sequence",
+    "tool_use",
+    "pause_turn",
+    "refusal",
+    "model_context_window_exceeded",
 ]
 
 
@@ -315,11 +329,12 @@ class ErrorObject(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Anthropic's error envelope; also the stream's ``error`` event (the same shape, sent with status 200)."""
+    """Anthropic's error envelope; also the stream's ``error`` event (the same shape, after a 200)."""
 
     type: Literal["error"] = "error"
     error: ErrorObject
-    request_id: str | None = Field(None, description="Also sent as the `request-id` header.")
+    # The SDK's exceptions take their request_id from the `request-id` header, not from here.
+    request_id: str | None = None
 
     @classmethod
     def for_status(

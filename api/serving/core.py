@@ -117,9 +117,14 @@ class Stream:
         await self.stack.aclose()
 
 
-async def start_stream(dispatcher: Dispatcher, work: Work, disconnected: Disconnected | None) -> Stream:
+async def start_stream(
+    dispatcher: Dispatcher,
+    work: Work,
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
+) -> Stream:
     """Enqueue the jobs and wait until each was accepted: errors until then are plain HTTP errors."""
-    runs, stack = await fanout.start_streams(dispatcher, work.jobs, disconnected)
+    runs, stack = await fanout.start_streams(dispatcher, work.jobs, disconnected, options)
     return Stream(work, runs, stack)
 
 

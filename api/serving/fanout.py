@@ -47,13 +47,16 @@ async def start_all(
 
 
 async def start_streams(
-    dispatcher: Dispatcher, jobs: Sequence[Job], disconnected: Disconnected | None
+    dispatcher: Dispatcher,
+    jobs: Sequence[Job],
+    disconnected: Disconnected | None,
+    options: RunOptions = INTERACTIVE,
 ) -> tuple[list[JobRun], contextlib.AsyncExitStack]:
     """Start streamed jobs; the caller closes the returned stack when the response ends (it is closed here
     if starting fails)."""
     stack = contextlib.AsyncExitStack()
     try:
-        return await start_all(dispatcher, jobs, disconnected, stack), stack
+        return await start_all(dispatcher, jobs, disconnected, stack, options), stack
     except BaseException:
         await stack.aclose()
         raise

@@ -39,8 +39,8 @@ class Frame:
 class Framing:
     """What differs between protocols' streams."""
 
-    # The frame that reports an error once the stream has started.
-    error: Callable[[errors.ApiError], Frame]
+    # The frames that report an error once the stream has started.
+    error: Callable[[errors.ApiError], list[Frame]]
     # Sent after the last event, also after an error; None: the protocol has no sentinel.
     done: Frame | None = None
     # The keep-alive frame; None: an SSE comment, which every client ignores.
@@ -57,10 +57,12 @@ async def _framed(
         async for frame in frames:
             yield frame.sse()
     except errors.ApiError as exc:
-        yield framing.error(exc).sse()
+        for frame in framing.error(exc):
+            yield frame.sse()
     except (redis.RedisError, StreamOverflow) as exc:
         logger.error("stream ended early: %r", exc)
-        yield framing.error(errors.redis_unavailable()).sse()
+        for frame in framing.error(errors.redis_unavailable()):
+            yield frame.sse()
     finally:
         await close()
     if framing.done is not None:

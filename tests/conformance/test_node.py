@@ -1,7 +1,7 @@
-"""Node clients against the fleet, each a script in tests/conformance/node (``make node-deps`` installs their
-packages from the committed package-lock.json): the official ``openai`` npm package for chat, streamed chat, a
-tool call and a refused key (smoke.mjs) and for the Responses API (responses.mjs), and the Vercel AI SDK, whose
-default OpenAI model speaks the Responses API (aisdk.mjs)."""
+"""Node clients against the fleet, each a script in tests/conformance/node (``make node-deps`` installs
+their packages from the committed package-lock.json): the official ``openai`` npm package for chat, streamed
+chat, a tool call and a refused key (smoke.mjs) and for the Responses API (responses.mjs), and the Vercel AI
+SDK, whose default OpenAI model speaks the Responses API (aisdk.mjs)."""
 
 from __future__ import annotations
 

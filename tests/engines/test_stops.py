@@ -48,3 +48,14 @@ def test_flush_releases_a_held_partial_at_the_end() -> None:
 )
 def test_earliest_stop_wins(stops: list[str], text: str, expected: str) -> None:
     assert feed(stops, list(text)) == (expected, True)
+
+
+@pytest.mark.parametrize(
+    ("stops", "text", "matched"),
+    [(["b", "ab"], "xxab", "ab"), (["3", "\n"], "1, 2, 3, 4", "3"), (["zz"], "abc", None)],
+)
+def test_the_matched_stop_string_is_recorded(stops: list[str], text: str, matched: str | None) -> None:
+    m = StopMatcher(stops)
+    for c in text:
+        m.push(c)
+    assert m.matched == matched and m.stopped == (matched is not None)

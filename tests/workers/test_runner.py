@@ -122,6 +122,29 @@ def test_stale_delivery_is_skipped(redis_server: RedisServer, redis_client: redi
     assert redis_client.hget(keys.job_key(j.id), "text") == b"a"
 
 
+class StopEngine(ListEngine):
+    """Ends on a stop string, as an engine with a StopMatcher does."""
+
+    def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        yield Output(prompt_tokens=3)
+        yield Output(text="1, 2, ", prompt_tokens=3, completion_tokens=1)
+        yield Output(prompt_tokens=3, completion_tokens=2, finish_reason="stop", stop_sequence="3")
+
+
+def test_the_matched_stop_string_is_published_and_recorded(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    j = job(stream=False)
+    got = run_and_listen(redis_server.url, runner_with(redis_client, StopEngine([])), j)
+    assert isinstance(got[-1], events.Finished) and got[-1].stop_sequence == "3"
+    assert redis_client.hget(keys.job_key(j.id), "stop_sequence") == b"3"
+    # A job that ended otherwise names none, in the event or the record.
+    j = job(stream=False)
+    got = run_and_listen(redis_server.url, runner_with(redis_client, ListEngine(["a"])), j)
+    assert isinstance(got[-1], events.Finished) and got[-1].stop_sequence is None
+    assert redis_client.hget(keys.job_key(j.id), "stop_sequence") is None
+
+
 class EmbedEngine(ListEngine):
     def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
         return Embeddings(vectors=[[float(len(str(i))), 0.5] for i in inputs], prompt_tokens=7)

@@ -21,9 +21,9 @@ const failOnStreamErrors = (what) => {
 };
 
 const usageOf = (usage) => ({
-  inputTokens: usage.inputTokens,
-  outputTokens: usage.outputTokens,
-  totalTokens: usage.totalTokens,
+  inputTokens: usage.inputTokens ?? null,
+  outputTokens: usage.outputTokens ?? null,
+  totalTokens: usage.totalTokens ?? null,
 });
 const callOf = (call) => ({
   toolCallId: call.toolCallId,

@@ -1,0 +1,286 @@
+"""The Responses API's serving logic beyond one request's adapter: stored responses, continuing them,
+background responses (driven by a task of this API process, their events logged for replay), cancel, the
+input items and compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from api import errors
+from api.adapters import responses
+from api.adapters.responses_items import compaction_content, context_items
+from api.adapters.responses_stream import TERMINAL, Writer, events_of
+from api.deps import model_spec
+from api.jobs import Disconnected, Dispatcher, RunOptions
+from api.protocol.responses import (
+    CompactionItem,
+    CompactRequest,
+    CompactResponse,
+    InputItemList,
+    OutputMessage,
+    ResponseObject,
+    ResponsesRequest,
+    StoredMessage,
+)
+from api.protocol.responses_events import ResponseStreamEvent
+from api.responses.store import ResponseStore, StoredResponse
+from api.serving import core
+from queueing.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+ENDED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+# A background job outlives the request that created it: it is cancelled only by the cancel route.
+BACKGROUND = RunOptions(cancel_on_exit=False)
+_POLL_MS = 500
+
+COMPACT_INSTRUCTIONS = (
+    "Summarize the conversation so far for your own later use: keep every fact, decision, open question and "
+    "tool result that matters. Reply with the summary only."
+)
+
+
+def not_found(response_id: str) -> errors.ApiError:
+    return errors.ApiError(
+        404,
+        f"Response with id '{response_id}' not found.",
+        "invalid_request_error",
+        "response_id",
+        "not_found",
+    )
+
+
+@dataclass
+class Responses:
+    dispatcher: Dispatcher
+    store: ResponseStore
+    catalog: Catalog
+    _driving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        """Stop driving background responses (the API process is stopping); their jobs run on."""
+        tasks = list(self._driving.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def previous(
+        self, body: ResponsesRequest, owner: str, known: dict[str, StoredResponse] | None = None
+    ) -> StoredResponse | None:
+        if body.previous_response_id is None:
+            return None
+        found = (known or {}).get(body.previous_response_id) or await self.store.get(
+            body.previous_response_id, owner
+        )
+        if found is None:
+            raise errors.ApiError(
+                404,
+                f"Previous response with id '{body.previous_response_id}' not found.",
+                "invalid_request_error",
+                "previous_response_id",
+                "previous_response_not_found",
+            )
+        return found
+
+    async def prepare(
+        self,
+        body: ResponsesRequest,
+        owner: str,
+        *,
+        stream: bool,
+        known: dict[str, StoredResponse] | None = None,
+    ) -> responses.Prepared:
+        """``known``: responses a WebSocket connection made, continued also when they were not stored."""
+        spec = model_spec(self.catalog, body.model)
+        return responses.prepare(body, spec, await self.previous(body, owner, known), stream=stream)
+
+    async def save(self, prepared: responses.Prepared, owner: str, response: ResponseObject) -> None:
+        if prepared.body.store:
+            stored = StoredResponse(
+                owner=owner, response=response, context=prepared.context, job_id=prepared.id
+            )
+            await self.store.save(stored)
+
+    # --- foreground ---
+
+    async def complete(
+        self, prepared: responses.Prepared, owner: str, disconnected: Disconnected
+    ) -> tuple[ResponseObject, core.Outcome]:
+        response, outcome = await responses.run(prepared, self.dispatcher, disconnected)
+        await self.save(prepared, owner, response)
+        return response, outcome
+
+    async def stream(
+        self, prepared: responses.Prepared, owner: str, disconnected: Disconnected | None
+    ) -> tuple[core.Stream, Writer, AsyncIterator[ResponseStreamEvent]]:
+        """Start a streamed response: the stream (its headers, its close) and its events; the response is
+        stored once its last event was produced."""
+        stream = await core.start_stream(self.dispatcher, prepared.work, disconnected)
+        writer = Writer(prepared.skeleton)
+
+        async def all_events() -> AsyncIterator[ResponseStreamEvent]:
+            for e in writer.start():
+                yield e
+            async for e in events_of(prepared, stream, writer):
+                yield e
+            if writer.final is not None:
+                await self.save(prepared, owner, writer.final)
+
+        return stream, writer, all_events()
+
+    # --- background ---
+
+    async def start_background(self, prepared: responses.Prepared, owner: str) -> ResponseObject:
+        """Store the queued response and start driving it; returns at once."""
+        await self.save(prepared, owner, prepared.skeleton)
+        writer = Writer(prepared.skeleton)
+        for e in writer.start():
+            await self.store.append(prepared.id, e.sequence_number, e.model_dump(mode="json"))
+        task = asyncio.create_task(
+            self._drive(prepared, owner, writer), name=f"inferq-response-{prepared.id}"
+        )
+        self._driving[prepared.id] = task
+        task.add_done_callback(lambda _: self._driving.pop(prepared.id, None))
+        return prepared.skeleton
+
+    async def _drive(self, prepared: responses.Prepared, owner: str, writer: Writer) -> None:
+        pump = asyncio.create_task(self._pump(prepared, owner, writer))
+        try:
+            while not pump.done():
+                await asyncio.wait({pump}, timeout=_POLL_MS / 1000)
+                if not pump.done() and await self._cancelled(prepared.id, owner):
+                    pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        except asyncio.CancelledError:
+            # The API process is stopping; the job goes on without a reader.
+            pump.cancel()
+            raise
+        except Exception:
+            logger.exception("background response %s failed", prepared.id)
+
+    async def _cancelled(self, response_id: str, owner: str) -> bool:
+        stored = await self.store.get(response_id, owner)
+        return stored is None or stored.response.status == "cancelled"
+
+    async def _pump(self, prepared: responses.Prepared, owner: str, writer: Writer) -> None:
+        async def log(e: ResponseStreamEvent) -> None:
+            await self.store.append(prepared.id, e.sequence_number, e.model_dump(mode="json"))
+
+        try:
+            stream = await core.start_stream(self.dispatcher, prepared.work, None, BACKGROUND)
+        except errors.ApiError as exc:
+            for e in writer.failed(exc):
+                await log(e)
+        else:
+            try:
+                first = True
+                async for e in events_of(prepared, stream, writer):
+                    await log(e)
+                    if first:
+                        await self.save(prepared, owner, writer.response)
+                        first = False
+            finally:
+                await stream.close()
+        if writer.final is not None and not await self._cancelled(prepared.id, owner):
+            await self.save(prepared, owner, writer.final)
+
+    async def cancel(self, response_id: str, owner: str) -> ResponseObject:
+        stored = await self.store.get(response_id, owner)
+        if stored is None:
+            raise not_found(response_id)
+        if not stored.response.background:
+            raise errors.invalid_request(
+                "Only background responses can be cancelled.", "response_id", "invalid_value"
+            )
+        if stored.response.status in ENDED:
+            return stored.response
+        cancelled = stored.response.model_copy(update={"status": "cancelled"})
+        await self.store.save(stored.model_copy(update={"response": cancelled}))
+        if stored.job_id is not None:
+            await self.dispatcher.store.cancel(stored.job_id)
+        task = self._driving.get(response_id)
+        if task is not None:
+            task.cancel()
+        return cancelled
+
+    async def replay(self, response_id: str, owner: str, after: int) -> AsyncIterator[dict[str, object]]:
+        """A background response's logged events after sequence number ``after``, then the live ones,
+        until its last event (or until it was cancelled)."""
+        while True:
+            found = await self.store.events_after(response_id, after, _POLL_MS)
+            for seq, event in found:
+                after = seq
+                yield event
+                if event.get("type") in TERMINAL:
+                    return
+            if not found:
+                stored = await self.store.get(response_id, owner)
+                if stored is None or stored.response.status in ENDED:
+                    # One last look: the final event may have been logged just before the status.
+                    for seq, event in await self.store.events_after(response_id, after):
+                        after = seq
+                        yield event
+                    return
+
+    async def retrieve(self, response_id: str, owner: str) -> StoredResponse:
+        stored = await self.store.get(response_id, owner)
+        if stored is None:
+            raise not_found(response_id)
+        return stored
+
+    async def input_items(
+        self, response_id: str, owner: str, after: str | None, limit: int, order: str
+    ) -> InputItemList:
+        stored = await self.retrieve(response_id, owner)
+        items = list(stored.context)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [i.get("id") for i in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        data = InputItemList.model_validate(
+            {"data": page, "first_id": None, "last_id": None, "has_more": False}
+        )
+        return data.model_copy(
+            update={
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > limit,
+            }
+        )
+
+    async def compact(self, body: CompactRequest, owner: str, disconnected: Disconnected) -> CompactResponse:
+        """The conversation so far in fewer items: the user's messages as they were, everything else
+        replaced by one compaction item that holds the model's own summary of it."""
+        previous = None
+        if body.previous_response_id is not None:
+            previous = await self.previous(
+                ResponsesRequest(model=body.model, previous_response_id=body.previous_response_id), owner
+            )
+        context = context_items(previous, body.input or [])
+        request = ResponsesRequest(
+            model=body.model,
+            instructions="\n\n".join(x for x in (body.instructions, COMPACT_INSTRUCTIONS) if x),
+            input=[],
+            store=False,
+        )
+        prepared = responses.prepare(request, model_spec(self.catalog, body.model), None, context=context)
+        response, outcome = await responses.run(prepared, self.dispatcher, disconnected)
+        summary = "".join(
+            part.text for item in response.output if isinstance(item, OutputMessage) for part in item.content
+        )
+        kept = [
+            StoredMessage.model_validate(i)
+            for i in context
+            if i.get("type") == "message" and i.get("role") == "user"
+        ]
+        return CompactResponse(
+            output=[*kept, CompactionItem(encrypted_content=compaction_content(summary))],
+            usage=responses.usage(outcome.usage),
+        )
