@@ -21,6 +21,7 @@ from api.files import Files
 from api.filestore import LocalFileStore
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
+from api.responses.background import BackgroundResponses
 from api.responses.service import Responses
 from api.responses.store import ResponseStore
 from api.routes import (
@@ -71,13 +72,14 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             BatchStore(client), app.state.files, app.state.dispatcher, catalog, settings
         )
         app.state.batches.start()
-        app.state.responses = Responses(
-            app.state.dispatcher, ResponseStore(client, settings.response_ttl), catalog
-        )
+        stored = ResponseStore(client, settings.response_ttl)
+        background = BackgroundResponses(app.state.dispatcher, stored, catalog, client)
+        background.start()
+        app.state.responses = Responses(app.state.dispatcher, stored, catalog, background)
         try:
             yield
         finally:
-            await app.state.responses.close()
+            await background.close()
             await app.state.batches.stop()
             await hub.close()
             await client.aclose()

@@ -2,8 +2,9 @@
 
 Phase 1 runs ``smollm2-135m`` in this process through ``engines.llamacpp.LlamaCppEngine``. Phase 2 starts a
 private Redis, one ``inferq worker`` and the ``inferq api``, and streams the same chat prompts from
-``POST /v1/chat/completions``, read as plain SSE over one keep-alive connection (``--sdk``: through the
-``openai`` SDK, whose per-chunk parsing then shares the 2 cores with llama.cpp). Generations are greedy, with
+``POST /v1/chat/completions`` and from ``POST /v1/responses`` (interleaved, prompt by prompt), read as plain
+SSE over one keep-alive connection (``--sdk``: chat through the ``openai`` SDK, whose per-chunk parsing then
+shares the 2 cores with llama.cpp). Generations are greedy, with
 ``ignore_eos`` and a fixed ``max_tokens``. TTFT runs from the call (or the request being sent) to the first
 non-empty text; decode tok/s is (completion_tokens - 1) / (last text - first text). The peak RSS of the API
 and of the worker is sampled through phase 2. Targets: decode ratio >= 0.95, TTFT p50 delta <= +10 ms, API
@@ -123,6 +124,29 @@ def raw_sse_steps(client: httpx.Client, prompt: str, max_tokens: int) -> Iterato
             yield text or "", (chunk.get("usage") or {}).get("completion_tokens", 0)
 
 
+def raw_responses_steps(client: httpx.Client, prompt: str, max_tokens: int) -> Iterator[tuple[str, int]]:
+    """The same generation through ``POST /v1/responses`` (semantic events), read as plain SSE lines."""
+    payload = {
+        "model": MODEL,
+        "input": prompt,
+        "stream": True,
+        "store": False,
+        "temperature": 0.0,
+        "seed": 0,
+        "max_output_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+    with client.stream("POST", "/v1/responses", json=payload) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "response.output_text.delta":
+                yield event["delta"], 0
+            elif event["type"] in ("response.completed", "response.incomplete"):
+                yield "", event["response"]["usage"]["output_tokens"]
+
+
 def sse_steps(client: openai.OpenAI, prompt: str, max_tokens: int) -> Iterator[tuple[str, int]]:
     stream = client.chat.completions.create(
         model=MODEL,
@@ -170,7 +194,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_inferq(threads: int, max_tokens: int, rounds: int, sdk: bool) -> tuple[list[Sample], dict[str, int]]:
+def run_inferq(
+    threads: int, max_tokens: int, rounds: int, sdk: bool
+) -> tuple[dict[str, list[Sample]], dict[str, int]]:
     with contextlib.ExitStack() as stack:  # unwinds in reverse: client, RSS watcher, api, worker, log, Redis
         server = RedisServer()
         stack.callback(server.stop)
@@ -202,37 +228,46 @@ def run_inferq(threads: int, max_tokens: int, rounds: int, sdk: bool) -> tuple[l
         stack.callback(done.set)
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, procs, log)
-        steps: Callable[[str], Iterator[tuple[str, int]]]
+        paths: dict[str, Callable[[str], Iterator[tuple[str, int]]]] = {}
+        raw = stack.enter_context(httpx.Client(base_url=base, timeout=120))
         if sdk:
             client = stack.enter_context(openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0))
-            steps = functools.partial(sse_steps, client, max_tokens=max_tokens)
+            paths["chat completions"] = functools.partial(sse_steps, client, max_tokens=max_tokens)
         else:
-            raw = stack.enter_context(httpx.Client(base_url=base, timeout=120))
-            steps = functools.partial(raw_sse_steps, raw, max_tokens=max_tokens)
-        measure(steps(PROMPTS[0]))  # warm-up
-        samples = [measure(steps(p)) for p in PROMPTS * rounds]
+            paths["chat completions"] = functools.partial(raw_sse_steps, raw, max_tokens=max_tokens)
+        paths["responses"] = functools.partial(raw_responses_steps, raw, max_tokens=max_tokens)
+        samples: dict[str, list[Sample]] = {name: [] for name in paths}
+        for steps in paths.values():
+            measure(steps(PROMPTS[0]))  # warm-up
+        # Interleaved, so that both protocols meet the same machine state.
+        for p in PROMPTS * rounds:
+            for name, steps in paths.items():
+                samples[name].append(measure(steps(p)))
         return samples, dict(peak)
 
 
-def table(engine: list[Sample], inferq: list[Sample], rss: dict[str, int]) -> str:
+def table(engine: list[Sample], inferq: dict[str, list[Sample]], rss: dict[str, int]) -> str:
     columns = ("decode tok/s p50", "decode tok/s mean", "TTFT p50 ms", "TTFT p99 ms")
-    header = f"{'':<28}" + "".join(f"{c:>19}" for c in columns)
+    header = f"{'':<34}" + "".join(f"{c:>19}" for c in columns)
     lines = [header, "-" * len(header)]
-    for label, samples in (("engine alone (in-process)", engine), ("through inferq (SSE)", inferq)):
+    rows = [("engine alone (in-process)", engine), *((f"inferq SSE: {n}", s) for n, s in inferq.items())]
+    for label, samples in rows:
         tps, ttft = [s.decode_tps for s in samples], [s.ttft_ms for s in samples]
         p99 = sorted(ttft)[math.ceil(0.99 * len(ttft)) - 1]  # nearest rank
         values = (statistics.median(tps), statistics.mean(tps), statistics.median(ttft), p99)
-        lines.append(f"{label:<28}" + "".join(f"{v:>19.1f}" for v in values))
-    ratio = statistics.mean(s.decode_tps for s in inferq) / statistics.mean(s.decode_tps for s in engine)
-    delta = statistics.median(s.ttft_ms for s in inferq) - statistics.median(s.ttft_ms for s in engine)
+        lines.append(f"{label:<34}" + "".join(f"{v:>19.1f}" for v in values))
+    checks = []
+    for name, samples in inferq.items():
+        ratio = statistics.mean(s.decode_tps for s in samples) / statistics.mean(s.decode_tps for s in engine)
+        delta = statistics.median(s.ttft_ms for s in samples) - statistics.median(s.ttft_ms for s in engine)
+        checks += [
+            (f"decode ratio {name}/engine (mean)", f"{ratio:.3f}", ratio >= 0.95, ">= 0.95"),
+            (f"TTFT p50 delta, {name}", f"{delta:+.1f} ms", delta <= 10.0, "<= +10 ms"),
+        ]
     api_mib, worker_mib = rss["api"] / 2**20, rss["worker"] / 2**20
-    checks = [
-        ("decode ratio inferq/engine (mean)", f"{ratio:.3f}", ratio >= 0.95, ">= 0.95"),
-        ("TTFT p50 delta", f"{delta:+.1f} ms", delta <= 10.0, "<= +10 ms"),
-        ("API RSS (peak)", f"{api_mib:.1f} MiB", api_mib < 200.0, "< 200 MiB"),
-    ]
-    rows = [f"{n:<36}{v:>14}   {'PASS' if ok else 'FAIL'} (target {t})" for n, v, ok, t in checks]
-    return "\n".join([*lines, "", *rows, f"{'worker RSS (peak)':<36}{worker_mib:>10.1f} MiB"])
+    checks.append(("API RSS (peak)", f"{api_mib:.1f} MiB", api_mib < 200.0, "< 200 MiB"))
+    out = [f"{n:<46}{v:>14}   {'PASS' if ok else 'FAIL'} (target {t})" for n, v, ok, t in checks]
+    return "\n".join([*lines, "", *out, f"{'worker RSS (peak)':<46}{worker_mib:>10.1f} MiB"])
 
 
 def main() -> None:

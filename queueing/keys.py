@@ -61,6 +61,9 @@ BATCH_LEASE_PREFIX = f"{PREFIX}:lock:batch:"
 # Stored Responses API objects (JSON: owner, response, context) and the event log a background response
 # writes (a Redis stream whose entry ids are the sequence numbers: replayed from any of them).
 RESPONSE_PREFIX = f"{PREFIX}:response:"
+# Background responses not yet ended, and the lease of the API process that drives each one.
+RESPONSES_BACKGROUND = f"{PREFIX}:responses:background"
+RESPONSE_LEASE_PREFIX = f"{PREFIX}:lock:response:"
 
 
 def model_queue(model: str) -> str:
@@ -141,3 +144,7 @@ def response_key(response_id: str) -> str:
 
 def response_events_key(response_id: str) -> str:
     return f"{RESPONSE_PREFIX}{response_id}:events"
+
+
+def response_lease_key(response_id: str) -> str:
+    return f"{RESPONSE_LEASE_PREFIX}{response_id}"

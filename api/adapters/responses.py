@@ -129,6 +129,10 @@ def sampling(body: ResponsesRequest, spec: ModelSpec, plan: structured.Plan) -> 
         top_p=d.top_p if body.top_p is None else body.top_p,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        seed=body.seed,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        ignore_eos=body.ignore_eos,
         json_schema=plan.json_schema,
         logprobs=_logprobs(body),
     )

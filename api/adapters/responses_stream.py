@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from api import errors
 from api.adapters.responses import Prepared, ended, wire_logprobs
@@ -44,6 +47,7 @@ from api.serving import core, output
 from queueing import events
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_output_item: TypeAdapter[OutputItem] = TypeAdapter(OutputItem)
 
 
 @dataclass
@@ -57,6 +61,30 @@ class Writer:
     _logprobs: list[events.TokenLogprob] = field(default_factory=list)
     _open: OutputMessage | FunctionCallItem | None = None
     final: ResponseObject | None = None
+    # What the events so far said: whether the response went in progress, and all the text they carried.
+    in_progress_sent: bool = False
+    emitted: str = ""
+
+    @classmethod
+    def restore(cls, response: ResponseObject, logged: list[tuple[int, dict[str, Any]]]) -> Writer:
+        """A writer that goes on where a logged stream of events stopped (another holder wrote them)."""
+        w = cls(response, next_sequence=logged[-1][0] + 1 if logged else 0)
+        for _, e in logged:
+            kind = e["type"]
+            if kind == "response.in_progress":
+                w.in_progress_sent = True
+                w.response = w.response.model_copy(update={"status": "in_progress"})
+            elif kind == "response.output_item.added":
+                item = _output_item.validate_python(e["item"])
+                w.items.append(item)
+                w._open, w._text = item, []
+            elif kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
+                w._text.append(e["delta"])
+                w.emitted += e["delta"]
+            elif kind == "response.output_item.done":
+                w.items[e["output_index"]] = _output_item.validate_python(e["item"])
+                w._open, w._text = None, []
+        return w
 
     def _seq(self) -> int:
         n, self.next_sequence = self.next_sequence, self.next_sequence + 1
@@ -72,6 +100,7 @@ class Writer:
         return out
 
     def in_progress(self) -> list[ResponseStreamEvent]:
+        self.in_progress_sent = True
         self.response = self.response.model_copy(update={"status": "in_progress"})
         return [ResponseInProgressEvent(sequence_number=self._seq(), response=self.response)]
 
@@ -97,6 +126,7 @@ class Writer:
             return out
         assert isinstance(self._open, OutputMessage)
         self._text.append(text)
+        self.emitted += text
         self._logprobs.extend(logprobs or [])
         delta = OutputTextDeltaEvent(
             sequence_number=self._seq(),
@@ -134,6 +164,7 @@ class Writer:
     def _arguments(self, text: str) -> ResponseStreamEvent:
         assert isinstance(self._open, FunctionCallItem)
         self._text.append(text)
+        self.emitted += text
         return FunctionCallArgumentsDeltaEvent(
             sequence_number=self._seq(), item_id=self._open.id, output_index=self._index, delta=text
         )

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import redis.asyncio as aredis
 
+from api.leases import Leases
 from api.protocol.batches import (
     TERMINAL,
     Batch,
@@ -50,23 +51,6 @@ return 1
 """
 
 # KEYS: lease. ARGV: holder token, ttl ms. Takes a free lease or extends one's own.
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if holder then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# KEYS: lease. ARGV: holder token.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 # The fields set at creation, kept as one JSON document; the rest are hash fields of their own.
 _STATIC = {
     "id",
@@ -94,8 +78,7 @@ class BatchStore:
         self._r = client
         self._transition = client.register_script(_TRANSITION)
         self._record = client.register_script(_RECORD)
-        self._lease = client.register_script(_LEASE)
-        self._release = client.register_script(_RELEASE)
+        self._leases = Leases(client)
 
     async def create(self, batch: Batch) -> None:
         key = keys.batch_key(batch.id)
@@ -181,11 +164,10 @@ class BatchStore:
         return text(raw) if raw is not None else None
 
     async def lease(self, batch_id: str, holder: str, seconds: float) -> bool:
-        args: list[str | int] = [holder, int(seconds * 1000)]
-        return bool(await self._lease(keys=[keys.batch_lease_key(batch_id)], args=args))
+        return await self._leases.take(keys.batch_lease_key(batch_id), holder, seconds)
 
     async def release(self, batch_id: str, holder: str) -> None:
-        await self._release(keys=[keys.batch_lease_key(batch_id)], args=[holder])
+        await self._leases.release(keys.batch_lease_key(batch_id), holder)
 
 
 def _batch(h: dict[str, str]) -> Batch:

@@ -274,6 +274,12 @@ class ResponsesRequest(OpenAIBaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
+    # --- inferq extensions (as chat completions and vLLM accept them) ---
+    seed: int | None = Field(None, description="Same seed, same parameters: the same output.")
+    top_k: int | None = Field(None, ge=0, description="Sample from the k most likely tokens; 0 disables.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+
 
 class ResponseCreateMessage(ResponsesRequest):
     """A WebSocket-mode client message: ``{"type": "response.create", ...request fields}``."""

@@ -1,21 +1,19 @@
 """The Responses API's serving logic beyond one request's adapter: stored responses, continuing them,
-background responses (driven by a task of this API process, their events logged for replay), cancel, the
-input items and compaction."""
+cancelling and replaying background responses (api/responses/background.py drives them), the input items
+and compaction."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from api import errors
 from api.adapters import responses
 from api.adapters.responses_items import compaction_content, context_items
 from api.adapters.responses_stream import TERMINAL, Writer, events_of
 from api.deps import model_spec
-from api.jobs import Disconnected, Dispatcher, RunOptions
+from api.jobs import Disconnected, Dispatcher
 from api.protocol.responses import (
     CompactionItem,
     CompactRequest,
@@ -27,15 +25,13 @@ from api.protocol.responses import (
     StoredMessage,
 )
 from api.protocol.responses_events import ResponseStreamEvent
+from api.responses.background import ENDED, BackgroundResponses
 from api.responses.store import ResponseStore, StoredResponse
 from api.serving import core
 from queueing.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 
-ENDED = frozenset({"completed", "incomplete", "failed", "cancelled"})
-# A background job outlives the request that created it: it is cancelled only by the cancel route.
-BACKGROUND = RunOptions(cancel_on_exit=False)
 _POLL_MS = 500
 
 COMPACT_INSTRUCTIONS = (
@@ -59,14 +55,7 @@ class Responses:
     dispatcher: Dispatcher
     store: ResponseStore
     catalog: Catalog
-    _driving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-
-    async def close(self) -> None:
-        """Stop driving background responses (the API process is stopping); their jobs run on."""
-        tasks = list(self._driving.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    background: BackgroundResponses
 
     async def previous(
         self, body: ResponsesRequest, owner: str, known: dict[str, StoredResponse] | None = None
@@ -132,63 +121,6 @@ class Responses:
 
         return stream, writer, all_events()
 
-    # --- background ---
-
-    async def start_background(self, prepared: responses.Prepared, owner: str) -> ResponseObject:
-        """Store the queued response and start driving it; returns at once."""
-        await self.save(prepared, owner, prepared.skeleton)
-        writer = Writer(prepared.skeleton)
-        for e in writer.start():
-            await self.store.append(prepared.id, e.sequence_number, e.model_dump(mode="json"))
-        task = asyncio.create_task(
-            self._drive(prepared, owner, writer), name=f"inferq-response-{prepared.id}"
-        )
-        self._driving[prepared.id] = task
-        task.add_done_callback(lambda _: self._driving.pop(prepared.id, None))
-        return prepared.skeleton
-
-    async def _drive(self, prepared: responses.Prepared, owner: str, writer: Writer) -> None:
-        pump = asyncio.create_task(self._pump(prepared, owner, writer))
-        try:
-            while not pump.done():
-                await asyncio.wait({pump}, timeout=_POLL_MS / 1000)
-                if not pump.done() and await self._cancelled(prepared.id, owner):
-                    pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-        except asyncio.CancelledError:
-            # The API process is stopping; the job goes on without a reader.
-            pump.cancel()
-            raise
-        except Exception:
-            logger.exception("background response %s failed", prepared.id)
-
-    async def _cancelled(self, response_id: str, owner: str) -> bool:
-        stored = await self.store.get(response_id, owner)
-        return stored is None or stored.response.status == "cancelled"
-
-    async def _pump(self, prepared: responses.Prepared, owner: str, writer: Writer) -> None:
-        async def log(e: ResponseStreamEvent) -> None:
-            await self.store.append(prepared.id, e.sequence_number, e.model_dump(mode="json"))
-
-        try:
-            stream = await core.start_stream(self.dispatcher, prepared.work, None, BACKGROUND)
-        except errors.ApiError as exc:
-            for e in writer.failed(exc):
-                await log(e)
-        else:
-            try:
-                first = True
-                async for e in events_of(prepared, stream, writer):
-                    await log(e)
-                    if first:
-                        await self.save(prepared, owner, writer.response)
-                        first = False
-            finally:
-                await stream.close()
-        if writer.final is not None and not await self._cancelled(prepared.id, owner):
-            await self.save(prepared, owner, writer.final)
-
     async def cancel(self, response_id: str, owner: str) -> ResponseObject:
         stored = await self.store.get(response_id, owner)
         if stored is None:
@@ -203,9 +135,7 @@ class Responses:
         await self.store.save(stored.model_copy(update={"response": cancelled}))
         if stored.job_id is not None:
             await self.dispatcher.store.cancel(stored.job_id)
-        task = self._driving.get(response_id)
-        if task is not None:
-            task.cancel()
+        self.background.cancel_local(response_id)
         return cancelled
 
     async def replay(self, response_id: str, owner: str, after: int) -> AsyncIterator[dict[str, object]]:

@@ -32,6 +32,8 @@ class StoredResponse(BaseModel):
     context: list[dict[str, Any]] = Field(default_factory=list)
     # The job that generates it (cancelling a background response cancels it).
     job_id: str | None = None
+    # A background response's request, so that another API process can take over driving it.
+    request: dict[str, Any] | None = None
 
 
 class ResponseStore:
@@ -44,11 +46,13 @@ class ResponseStore:
         await self._r.set(key, stored.model_dump_json(), ex=self.ttl)
 
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        stored = await self.peek(response_id)
+        return stored if stored is not None and stored.owner == owner else None
+
+    async def peek(self, response_id: str) -> StoredResponse | None:
+        """Whoever owns it: for the server's own bookkeeping, never for a client."""
         raw = await self._r.get(keys.response_key(response_id))
-        if raw is None:
-            return None
-        stored = StoredResponse.model_validate_json(raw)
-        return stored if stored.owner == owner else None
+        return None if raw is None else StoredResponse.model_validate_json(raw)
 
     async def delete(self, response_id: str, owner: str) -> bool:
         if await self.get(response_id, owner) is None:

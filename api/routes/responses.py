@@ -86,7 +86,7 @@ async def create_response(
 ) -> Response:
     prepared = await service.prepare(body, owner, stream=body.stream or body.background)
     if body.background:
-        queued = await service.start_background(prepared, owner)
+        queued = await service.background.begin(prepared, owner)
         if not body.stream:
             return JSONResponse(queued.model_dump(mode="json"))
         return sse.respond(_frames(service.replay(prepared.id, owner, -1)), _framing(None))
