@@ -25,7 +25,7 @@ from api.leases import Leases
 from api.protocol.responses import ResponseObject, ResponsesRequest
 from api.protocol.responses_events import ResponseStreamEvent
 from api.responses.store import ResponseStore, StoredResponse
-from api.serving import core, output
+from api.serving import core, output, structured
 from queueing import events, keys
 from queueing.catalog import Catalog
 
@@ -182,7 +182,7 @@ class BackgroundResponses:
             outcome = await core.complete(self.dispatcher, prepared.work, None, FOLLOW)
             record = await self.dispatcher.store.get(response_id)
             finished = outcome.finished[0].model_copy(update={"text": record.text if record else ""})
-            pieces = _rest(prepared, writer.emitted, finished)
+            pieces = rest_of(prepared.plan, writer.emitted, finished)
             out: list[ResponseStreamEvent] = [] if writer.in_progress_sent else writer.in_progress()
             for p in pieces:
                 out += writer.piece(p)
@@ -194,10 +194,10 @@ class BackgroundResponses:
             await self._save(stored, writer.final)
 
 
-def _rest(prepared: responses.Prepared, emitted: str, finished: events.Finished) -> list[output.Piece]:
+def rest_of(plan: structured.Plan, emitted: str, finished: events.Finished) -> list[output.Piece]:
     """The pieces of a finished job that a dead holder had not logged: the choice is brought to where the
     log stands (its pieces dropped), then given the rest of the text and the end."""
-    choice = output.ChoiceStream(prepared.plan)
+    choice = output.ChoiceStream(plan)
     text = finished.text or ""
     if emitted and text.startswith(emitted):
         choice.delta(events.Delta(attempt=finished.attempt, text=emitted))
