@@ -18,7 +18,7 @@ WEATHER = Function("get_weather", "Weather", {"type": "object", "properties": {"
 
 
 def _finished(reason: str = "stop", completion: int = 3) -> events.Finished:
-    return events.Finished(attempt=1, finish_reason=reason, prompt_tokens=5, completion_tokens=completion)  # type: ignore[arg-type]
+    return events.Finished(attempt=1, finish_reason=reason, prompt_tokens=5, completion_tokens=completion)
 
 
 def _plan(**kw: Any) -> structured.Plan:
