@@ -60,7 +60,8 @@ run: install
 test: install engines node-deps
 	$(BIN)/pytest
 
-# The official openai npm package for the Node conformance test, pinned by the committed package-lock.json.
+# The Node clients of the conformance tests (the official openai package, the Vercel AI SDK), pinned by the
+# committed package-lock.json.
 NODE_DIR := tests/conformance/node
 node-deps: $(NODE_DIR)/node_modules/.inferq-installed
 
