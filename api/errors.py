@@ -2,8 +2,9 @@
 
 An ``ApiError`` carries an HTTP status, a message, the field at fault and a code. OpenAI's protocols answer
 ``{"error": {"message", "type", "param", "code"}}``; Anthropic's (the ``/v1/messages`` routes) answer
-``{"type": "error", "error": {"type", "message"}}`` with its own statuses. Which one a request gets depends
-on its path alone, so a route, the key check and the validation handler need not know.
+``{"type": "error", "error": {"type", "message"}, "request_id"}`` with its own statuses (mapped in
+``api.protocol.messages``) and a ``request-id`` header. Which one a request gets depends on its path alone,
+so a route, the key check and the validation handler need not know.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from api import errors
 from api.app import create_app
 from api.auth import Keys
 from ops.redis_server import RedisServer
@@ -79,7 +80,10 @@ def test_sweep_of_every_route(app: FastAPI, http: TestClient) -> None:
             assert anonymous.status_code not in (401, 403), (method, path)
             continue
         assert anonymous.status_code == 401, (method, path)
-        assert anonymous.json()["error"]["code"] == "invalid_api_key"
+        if errors.is_anthropic(path):
+            assert anonymous.json()["error"]["type"] == "authentication_error", path
+        else:
+            assert anonymous.json()["error"]["code"] == "invalid_api_key", (method, path)
         assert call(http, method, path, "sk-wrong").status_code == 401, (method, path)
         as_user = call(http, method, path, USER)
         as_admin = call(http, method, path, ADMIN)

