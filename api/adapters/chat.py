@@ -7,10 +7,8 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Response
-from fastapi.responses import JSONResponse
 
 from api import errors
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.protocol.base import Usage
 from api.protocol.chat import (
     AssistantMessage,
@@ -99,17 +97,10 @@ def _choice(index: int, plan: structured.Plan, finished: events.Finished) -> Cho
     return Choice(index=index, message=message, logprobs=logprobs, finish_reason=reason)
 
 
-async def complete(
-    body: ChatCompletionRequest,
-    spec: ModelSpec,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-    ids: JobIds | None = None,
-) -> tuple[ChatCompletion, core.Outcome]:
+async def complete(body: ChatCompletionRequest, serve: core.Serve) -> tuple[ChatCompletion, core.Outcome]:
     """A non-streamed chat completion, start to end (the route's and a batch line's)."""
-    plan, w = work(body, spec, ids)
-    outcome = await core.complete(dispatcher, w, disconnected, options)
+    plan, w = work(body, serve.spec, serve.ids)
+    outcome = await serve.complete(w)
     completion = ChatCompletion(
         id=w.jobs[0].id,
         model=body.model,
@@ -119,14 +110,11 @@ async def complete(
     return completion, outcome
 
 
-async def respond(
-    body: ChatCompletionRequest, spec: ModelSpec, dispatcher: Dispatcher, disconnected: Disconnected
-) -> Response:
+async def respond(body: ChatCompletionRequest, serve: core.Serve) -> Response:
     if not body.stream:
-        completion, outcome = await complete(body, spec, dispatcher, disconnected)
-        return JSONResponse(completion.model_dump(mode="json"), headers=outcome.headers)
-    plan, w = work(body, spec)
-    stream = await core.start_stream(dispatcher, w, disconnected)
+        return core.json_response(*await complete(body, serve))
+    plan, w = work(body, serve.spec)
+    stream = await serve.stream(w)
     return sse.respond(_chunks(body, plan, stream), OPENAI_FRAMING, stream.close, stream.headers)
 
 

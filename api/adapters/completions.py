@@ -8,11 +8,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Response
-from fastapi.responses import JSONResponse
 
 from api import errors
 from api.adapters.chat import OPENAI_FRAMING, openai_usage
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.protocol.completions import (
     Completion,
     CompletionChoice,
@@ -69,17 +67,10 @@ def work(body: CompletionRequest, spec: ModelSpec, ids: JobIds | None = None) ->
     return core.Work(fanout.named(jobs, ids), prompts=len(body.prompts()))
 
 
-async def complete(
-    body: CompletionRequest,
-    spec: ModelSpec,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-    ids: JobIds | None = None,
-) -> tuple[Completion, core.Outcome]:
+async def complete(body: CompletionRequest, serve: core.Serve) -> tuple[Completion, core.Outcome]:
     """A non-streamed completion, start to end (the route's and a batch line's)."""
-    w = work(body, spec, ids)
-    outcome = await core.complete(dispatcher, w, disconnected, options)
+    w = work(body, serve.spec, serve.ids)
+    outcome = await serve.complete(w)
     choices = []
     for i, (job, f) in enumerate(zip(w.jobs, outcome.finished, strict=True)):
         head = (job.prompt or "") if body.echo else ""
@@ -97,13 +88,10 @@ async def complete(
     return completion, outcome
 
 
-async def respond(
-    body: CompletionRequest, spec: ModelSpec, dispatcher: Dispatcher, disconnected: Disconnected
-) -> Response:
+async def respond(body: CompletionRequest, serve: core.Serve) -> Response:
     if not body.stream:
-        completion, outcome = await complete(body, spec, dispatcher, disconnected)
-        return JSONResponse(completion.model_dump(mode="json"), headers=outcome.headers)
-    stream = await core.start_stream(dispatcher, work(body, spec), disconnected)
+        return core.json_response(*await complete(body, serve))
+    stream = await serve.stream(work(body, serve.spec))
     return sse.respond(_chunks(body, stream), OPENAI_FRAMING, stream.close, stream.headers)
 
 

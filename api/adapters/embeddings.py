@@ -7,10 +7,8 @@ import uuid
 from array import array
 
 from fastapi import Response
-from fastapi.responses import JSONResponse
 
 from api import errors
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from api.serving import core, fanout
 from api.serving.fanout import JobIds
@@ -41,16 +39,9 @@ def work(body: EmbeddingRequest, spec: ModelSpec, ids: JobIds | None = None) -> 
     return core.Work(fanout.named([job], ids))
 
 
-async def complete(
-    body: EmbeddingRequest,
-    spec: ModelSpec,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-    ids: JobIds | None = None,
-) -> tuple[EmbeddingList, core.Outcome]:
+async def complete(body: EmbeddingRequest, serve: core.Serve) -> tuple[EmbeddingList, core.Outcome]:
     """One embeddings request, start to end (the route's and a batch line's)."""
-    outcome = await core.complete(dispatcher, work(body, spec, ids), disconnected, options)
+    outcome = await serve.complete(work(body, serve.spec, serve.ids))
     (finished,) = outcome.finished
     vectors = finished.embeddings or []
     result = EmbeddingList(
@@ -61,8 +52,5 @@ async def complete(
     return result, outcome
 
 
-async def respond(
-    body: EmbeddingRequest, spec: ModelSpec, dispatcher: Dispatcher, disconnected: Disconnected
-) -> Response:
-    result, outcome = await complete(body, spec, dispatcher, disconnected)
-    return JSONResponse(result.model_dump(mode="json"), headers=outcome.headers)
+async def respond(body: EmbeddingRequest, serve: core.Serve) -> Response:
+    return core.json_response(*await complete(body, serve))

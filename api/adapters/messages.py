@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from api import errors
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.protocol.messages import (
     ContentBlock,
     ConversationRequest,
@@ -191,29 +189,19 @@ def message(body: MessagesRequest, plan: structured.Plan, job_id: str, outcome: 
     )
 
 
-async def complete(
-    body: MessagesRequest,
-    spec: ModelSpec,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-    ids: JobIds | None = None,
-) -> tuple[Message, core.Outcome]:
+async def complete(body: MessagesRequest, serve: core.Serve) -> tuple[Message, core.Outcome]:
     """A non-streamed message, start to end (the route's and a batch line's)."""
-    plan, w = work(body, spec, ids)
-    outcome = await core.complete(dispatcher, w, disconnected, options)
+    plan, w = work(body, serve.spec, serve.ids)
+    outcome = await serve.complete(w)
     return message(body, plan, w.jobs[0].id, outcome), outcome
 
 
-async def respond(
-    body: MessagesRequest, spec: ModelSpec, dispatcher: Dispatcher, disconnected: Disconnected
-) -> Response:
+async def respond(body: MessagesRequest, serve: core.Serve) -> Response:
     request_id = {errors.REQUEST_ID_HEADER: errors.anthropic_request_id()}
     if not body.stream:
-        result, outcome = await complete(body, spec, dispatcher, disconnected)
-        return JSONResponse(result.model_dump(mode="json"), headers={**outcome.headers, **request_id})
-    plan, w = work(body, spec)
-    stream = await core.start_stream(dispatcher, w, disconnected)
+        return core.json_response(*await complete(body, serve), request_id)
+    plan, w = work(body, serve.spec)
+    stream = await serve.stream(w)
     renderer = MessageStream(plan, w.jobs[0].id, body.model)
     frames = _frames(renderer, stream)
     return sse.respond(
@@ -307,12 +295,10 @@ class MessageStream:
 # --- count_tokens ---
 
 
-async def count_tokens(
-    body: CountTokensRequest, dispatcher: Dispatcher, disconnected: Disconnected | None
-) -> CountTokensResponse:
+async def count_tokens(body: CountTokensRequest, serve: core.Serve) -> CountTokensResponse:
     """The prompt's tokens as the model would see it (tools rendered in, as for a message), counted by a
     worker with the model's own tokenizer and chat template: the API never tokenizes."""
     plan = structured.plan(conversation(body))
     job = Job(id=message_id(), kind="count", model=body.model, messages=plan.messages)
-    outcome = await core.complete(dispatcher, core.Work([job]), disconnected)
+    outcome = await serve.complete(core.Work([job]))
     return CountTokensResponse(input_tokens=outcome.usage.prompt_tokens)

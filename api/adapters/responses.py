@@ -12,7 +12,6 @@ from typing import Any
 
 from api import errors
 from api.adapters.responses_items import context_items, turns
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.protocol.responses import (
     AllowedToolsChoice,
     FunctionCallItem,
@@ -47,6 +46,7 @@ class Prepared:
     """One response, ready to run: its request, its plan and job, the conversation it saw."""
 
     body: ResponsesRequest
+    spec: ModelSpec
     plan: structured.Plan
     work: core.Work
     context: list[dict[str, Any]]
@@ -163,7 +163,7 @@ def prepare(
     if ids is not None:
         # A batch line names its job after the line; the response takes the same id.
         skeleton = skeleton.model_copy(update={"id": work.jobs[0].id})
-    return Prepared(body, plan, work, context, skeleton)
+    return Prepared(body, spec, plan, work, context, skeleton)
 
 
 def wire_logprobs(items: list[events.TokenLogprob] | None) -> list[LogProb]:
@@ -216,26 +216,14 @@ def items_of(plan: structured.Plan, finished: events.Finished) -> tuple[list[Out
     return [OutputMessage(status=status, content=[part])], reason
 
 
-async def run(
-    prepared: Prepared,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-) -> tuple[ResponseObject, core.Outcome]:
+async def run(prepared: Prepared, serve: core.Serve) -> tuple[ResponseObject, core.Outcome]:
     """A non-streamed response, start to end."""
-    outcome = await core.complete(dispatcher, prepared.work, disconnected, options)
+    outcome = await serve.complete(prepared.work)
     items, reason = items_of(prepared.plan, outcome.finished[0])
     return ended(prepared.skeleton, items, reason, outcome.usage), outcome
 
 
-async def complete(
-    body: ResponsesRequest,
-    spec: ModelSpec,
-    dispatcher: Dispatcher,
-    disconnected: Disconnected | None,
-    options: RunOptions = INTERACTIVE,
-    ids: JobIds | None = None,
-) -> tuple[ResponseObject, core.Outcome]:
+async def complete(body: ResponsesRequest, serve: core.Serve) -> tuple[ResponseObject, core.Outcome]:
     """A batch line's response: nothing stored, no previous response (a line stands alone)."""
     if body.previous_response_id is not None:
         raise errors.invalid_request(
@@ -245,4 +233,4 @@ async def complete(
         raise errors.invalid_request(
             "Batch lines run in the background already.", "background", "invalid_value"
         )
-    return await run(prepare(body, spec, None, ids), dispatcher, disconnected, options)
+    return await run(prepare(body, serve.spec, None, serve.ids), serve)

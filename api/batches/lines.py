@@ -19,11 +19,11 @@ from api.protocol.chat import ChatCompletionRequest
 from api.protocol.completions import CompletionRequest
 from api.protocol.embeddings import EmbeddingRequest
 from api.protocol.responses import ResponsesRequest
-from api.serving.core import Outcome
+from api.serving.core import Outcome, Serve
 from api.serving.fanout import JobIds
 from queueing.catalog import Catalog, ModelSpec
 
-# An adapter's non-streamed path: (body, spec, dispatcher, disconnected, options, ids) -> (result, outcome).
+# An adapter's non-streamed path: (body, serve) -> (result, outcome).
 Complete = Callable[..., Awaitable[tuple[BaseModel, Outcome]]]
 
 
@@ -69,7 +69,7 @@ async def execute(
             )
         handler = ENDPOINTS[endpoint]
         body, spec = _request(handler, line.body, catalog)
-        result, _ = await handler.complete(body, spec, dispatcher, None, options, ids)
+        result, _ = await handler.complete(body, Serve(spec, dispatcher, None, options, ids))
         return ResultLine(
             id=line_id,
             custom_id=line.custom_id,

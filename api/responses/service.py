@@ -99,7 +99,8 @@ class Responses:
     async def complete(
         self, prepared: responses.Prepared, owner: str, disconnected: Disconnected
     ) -> tuple[ResponseObject, core.Outcome]:
-        response, outcome = await responses.run(prepared, self.dispatcher, disconnected)
+        serve = core.Serve(prepared.spec, self.dispatcher, disconnected)
+        response, outcome = await responses.run(prepared, serve)
         await self.save(prepared, owner, response)
         return response, outcome
 
@@ -200,8 +201,9 @@ class Responses:
             input=[],
             store=False,
         )
-        prepared = responses.prepare(request, model_spec(self.catalog, body.model), None, context=context)
-        response, outcome = await responses.run(prepared, self.dispatcher, disconnected)
+        spec = model_spec(self.catalog, body.model)
+        prepared = responses.prepare(request, spec, None, context=context)
+        response, outcome = await responses.run(prepared, core.Serve(spec, self.dispatcher, disconnected))
         summary = "".join(
             part.text for item in response.output if isinstance(item, OutputMessage) for part in item.content
         )

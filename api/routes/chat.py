@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from api.adapters import chat
 from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.protocol.chat import ChatCompletion, ChatCompletionRequest
+from api.serving.core import Serve
 
 router = APIRouter()
 
@@ -16,4 +17,6 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    return await chat.respond(body, model_spec(catalog, body.model), dispatcher, request.is_disconnected)
+    return await chat.respond(
+        body, Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
+    )

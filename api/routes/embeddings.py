@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from api.adapters import embeddings
 from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.protocol.embeddings import EmbeddingList, EmbeddingRequest
+from api.serving.core import Serve
 
 router = APIRouter()
 
@@ -17,5 +18,5 @@ async def create_embeddings(
     body: EmbeddingRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
     return await embeddings.respond(
-        body, model_spec(catalog, body.model), dispatcher, request.is_disconnected
+        body, Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
     )

@@ -9,6 +9,7 @@ from api import errors
 from api.adapters import messages
 from api.deps import CatalogDep, DispatcherDep, model_spec
 from api.protocol.messages import CountTokensRequest, CountTokensResponse, Message, MessagesRequest
+from api.serving.core import Serve
 
 router = APIRouter()
 
@@ -17,15 +18,17 @@ router = APIRouter()
 async def create_message(
     body: MessagesRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    return await messages.respond(body, model_spec(catalog, body.model), dispatcher, request.is_disconnected)
+    return await messages.respond(
+        body, Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
+    )
 
 
 @router.post("/v1/messages/count_tokens", response_model=CountTokensResponse)
 async def count_message_tokens(
     body: CountTokensRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
-    model_spec(catalog, body.model)
-    counted = await messages.count_tokens(body, dispatcher, request.is_disconnected)
+    serve = Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
+    counted = await messages.count_tokens(body, serve)
     return JSONResponse(
         counted.model_dump(), headers={errors.REQUEST_ID_HEADER: errors.anthropic_request_id()}
     )

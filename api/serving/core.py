@@ -12,9 +12,13 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
 from api.serving import fanout, structured
 from queueing import events
+from queueing.catalog import ModelSpec
 from queueing.jobs import Job, Sampling
 
 WORKER_HEADER = "x-inferq-worker"
@@ -74,6 +78,29 @@ class Outcome:
     @property
     def headers(self) -> dict[str, str]:
         return workers_header(self.runs)
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Where and how one request runs: its model's catalog entry, the dispatcher, how to tell that the client
+    left, and how its jobs run and are named (a batch line's differ from an interactive request's)."""
+
+    spec: ModelSpec
+    dispatcher: Dispatcher
+    disconnected: Disconnected | None = None
+    options: RunOptions = INTERACTIVE
+    ids: fanout.JobIds | None = None
+
+    async def complete(self, work: Work) -> Outcome:
+        return await complete(self.dispatcher, work, self.disconnected, self.options)
+
+    async def stream(self, work: Work) -> Stream:
+        return await start_stream(self.dispatcher, work, self.disconnected, self.options)
+
+
+def json_response(result: BaseModel, outcome: Outcome, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A non-streamed result, with the header that names the workers that served it."""
+    return JSONResponse(result.model_dump(mode="json"), headers={**outcome.headers, **(headers or {})})
 
 
 async def complete(
