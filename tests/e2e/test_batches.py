@@ -38,7 +38,7 @@ models:
     sources:
       mlx: {path: /nonexistent/smollm2-mlx}
 """
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 CHAT: Final = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -203,6 +203,29 @@ def test_completions_and_embeddings_batches(client: openai.OpenAI) -> None:
     for r in out:
         data = r["response"]["body"]["data"]
         assert [d["index"] for d in data] == [0, 1] and len(data[0]["embedding"]) > 10
+
+
+def test_responses_batch_lines(client: openai.OpenAI) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"model": "smollm2-135m", "input": f"Count to {i}.", "max_output_tokens": 4} for i in range(2)
+    ]
+    # A line that would need stored state is answered in the error file; the others run.
+    bodies.append({"model": "smollm2-135m", "input": "hi", "previous_response_id": "resp_nope"})
+    rows = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses", "body": b}
+        for i, b in enumerate(bodies)
+    ]
+    batch = wait(client, submit(client, rows, "/v1/responses"))
+    out = {r["custom_id"]: r for r in lines_of(client, batch.output_file_id)}
+    errors = {r["custom_id"]: r for r in lines_of(client, batch.error_file_id)}
+    assert batch.status == "completed" and set(out) == {"r0", "r1"} and set(errors) == {"r2"}
+    for r in out.values():
+        body = r["response"]["body"]
+        assert body["object"] == "response" and body["status"] in ("completed", "incomplete")
+        assert body["id"] == r["response"]["request_id"] and body["output"][0]["type"] == "message"
+        assert body["usage"]["output_tokens"] <= 4
+    assert errors["r2"]["response"]["status_code"] == 400
+    assert errors["r2"]["response"]["body"]["error"]["param"] == "previous_response_id"
 
 
 def test_a_model_nobody_serves_is_waited_for_once_per_batch(client: openai.OpenAI) -> None:
