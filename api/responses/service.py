@@ -4,7 +4,6 @@ and compaction."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,8 +28,6 @@ from api.responses.background import ENDED, BackgroundResponses
 from api.responses.store import ResponseStore, StoredResponse
 from api.serving import core
 from queueing.catalog import Catalog
-
-logger = logging.getLogger(__name__)
 
 _POLL_MS = 500
 
@@ -109,7 +106,7 @@ class Responses:
     ) -> tuple[core.Stream, Writer, AsyncIterator[ResponseStreamEvent]]:
         """Start a streamed response: the stream (its headers, its close) and its events; the response is
         stored once its last event was produced."""
-        stream = await core.start_stream(self.dispatcher, prepared.work, disconnected)
+        stream = await core.Serve(prepared.spec, self.dispatcher, disconnected).stream(prepared.work)
         writer = Writer(prepared.skeleton)
 
         async def all_events() -> AsyncIterator[ResponseStreamEvent]:
