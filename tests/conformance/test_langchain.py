@@ -85,3 +85,28 @@ def test_with_structured_output(llm: ChatOpenAI, method: str) -> None:
     structured = llm.with_structured_output(Person, method=method)  # type: ignore[arg-type]
     person = structured.invoke("Ada is 36 years old. Return her name and age as JSON.")
     assert isinstance(person, Person)
+
+
+@pytest.fixture
+def responses_llm(conformance_fleet: Fleet) -> Iterator[ChatOpenAI]:
+    yield ChatOpenAI(
+        model=MODEL,
+        base_url=f"{conformance_fleet.base_url}/v1",
+        api_key=USER_KEY,
+        max_retries=0,
+        timeout=120,
+        temperature=0.7,
+        max_completion_tokens=60,
+        use_responses_api=True,
+    )
+
+
+def test_responses_api_bind_tools_and_structured_output(responses_llm: ChatOpenAI) -> None:
+    """The same client on the Responses API: a named tool call, then structured output."""
+    question = [HumanMessage("What is the weather in Paris?")]
+    reply = responses_llm.bind_tools([get_weather], tool_choice="get_weather").invoke(question)
+    assert isinstance(reply, AIMessage)
+    assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(reply.tool_calls[0]["args"]["city"], str)
+    person = responses_llm.with_structured_output(Person).invoke("Ada is 36 years old. Name and age?")
+    assert isinstance(person, Person)
