@@ -88,17 +88,8 @@ def test_with_structured_output(llm: ChatOpenAI, method: str) -> None:
 
 
 @pytest.fixture
-def responses_llm(conformance_fleet: Fleet) -> Iterator[ChatOpenAI]:
-    yield ChatOpenAI(
-        model=MODEL,
-        base_url=f"{conformance_fleet.base_url}/v1",
-        api_key=USER_KEY,
-        max_retries=0,
-        timeout=120,
-        temperature=0.7,
-        max_completion_tokens=60,
-        use_responses_api=True,
-    )
+def responses_llm(llm: ChatOpenAI) -> ChatOpenAI:
+    return llm.model_copy(update={"use_responses_api": True, "seed": None})
 
 
 def test_responses_api_bind_tools_and_structured_output(responses_llm: ChatOpenAI) -> None:
