@@ -19,7 +19,22 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Without a socket timeout a synchronous command (a send) waits forever on a Redis that froze
+            # or vanished without closing the connection. A restart closes it: noticed at once.
+            "socket_timeout": 5,
+            "socket_connect_timeout": 2,
+            # kombu's own check of the long-lived BRPOP and pub/sub connections (default 25 s): a consumer
+            # on a half-open connection reconnects within about 1 + 2 * 10 s.
+            "health_check_interval": 10,
+        },
+        # A worker keeps trying to reach Redis however long it is away (Celery's default gives up after
+        # 100 tries and the worker exits), and a job running through an outage goes on: its result is
+        # written once Redis is back (workers/runner.py).
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Queues are declared from the catalog; a typo'd queue name is an error, not a new queue.
         task_queues=[_direct(keys.model_queue(m)) for m in catalog.models],
         task_create_missing_queues=False,

@@ -165,6 +165,12 @@ class JobStore:
         state, attempt = self._r.hmget(keys.job_key(job.id), ["state", "attempt"])
         return state is not None and text(state) == JobState.QUEUED and int(attempt or 0) == job.attempt
 
+    def runs_on(self, job: Job, worker: str) -> bool:
+        """This attempt of the job is running on ``worker`` (its claim there went through)."""
+        state, owner, attempt = self._r.hmget(keys.job_key(job.id), ["state", "worker", "attempt"])
+        running = state is not None and text(state) == JobState.RUNNING
+        return running and owner is not None and text(owner) == worker and int(attempt or 0) == job.attempt
+
     def unroute(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_assigned_key(worker)]
         return bool(self._unroute(keys=keys_, args=[worker, job.id]))

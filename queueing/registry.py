@@ -45,6 +45,10 @@ class WorkerInfo(BaseModel):
     engine: str
     # Models ready to serve (their queues are consumed); model_states also has those loading or unloading.
     models: list[str]
+    # False while running jobs stopped moving (workers/liveness.py): routing leaves the worker alone, and
+    # the stalled models are neither in ``models`` nor consumed, until they move again.
+    healthy: bool = True
+    stalled: list[str] = []
     model_states: dict[str, ModelStatus] = {}
     # Catalog models this worker's engine can load on demand, and the last load failure of each.
     capable: list[str] = []
@@ -130,10 +134,11 @@ async def live_workers(client: aredis.Redis) -> list[WorkerInfo]:
 
 
 async def fresh_workers(client: aredis.Redis, fresh_seconds: float) -> list[WorkerInfo]:
-    """Workers seen within ``fresh_seconds``: the candidates for new work."""
+    """Healthy workers seen within ``fresh_seconds``: the candidates for new work. A worker whose jobs
+    stalled still beats, but anything routed to it would wait behind them."""
     raws = await client.eval(_FRESH, 1, keys.WORKERS_SEEN, int(fresh_seconds * 1000), keys.WORKER_PREFIX)
     infos = [WorkerInfo.model_validate_json(raw) for raw in raws]
-    return sorted(infos, key=lambda w: w.name)
+    return sorted((w for w in infos if w.healthy), key=lambda w: w.name)
 
 
 async def is_alive_async(client: aredis.Redis, name: str) -> bool:

@@ -83,6 +83,19 @@ class Settings(BaseSettings):
     worker_memory_budget: int = Field(
         0, ge=0, description="Bytes of model weights loaded at once (file sizes); 0: no limit."
     )
+    worker_stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="A model whose running generations on a worker all went this long without an output "
+        "(longer than the slowest prompt evaluation) is stalled: the worker stops taking its work and "
+        "announces itself unhealthy until they move again. Model loads do not count.",
+    )
+    worker_redis_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Worker side: seconds a Redis command may take (socket timeout) and a thread may wait "
+        "for a free connection of the worker's pool.",
+    )
     # Files and batches (api/files.py, api/batches/).
     files_dir: Path = Field(
         Path("~/.local/share/inferq/files"),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import redis
 
@@ -24,11 +27,16 @@ from queueing import events, keys
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
+from workers.liveness import Liveness
 from workers.models import ModelManager, ModelNotLoaded
 from workers.preempt import Preemption
 from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# What Redis raises while it is unreachable (down, restarting, frozen): worth waiting out. Anything else
+# (a script error) is a bug and fails the job.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 def to_generation_request(job: Job) -> GenerationRequest:
@@ -66,6 +74,20 @@ def _wire_logprobs(items: list[TokenLogprob]) -> list[events.TokenLogprob]:
 @dataclass
 class _Watch:
     yielded: bool = False
+    # The job's record vanished (Redis restarted without its data): nobody can be given the result.
+    lost: bool = False
+
+
+@dataclass
+class _Generated:
+    """What the engine loop of one job produced."""
+
+    first: Output
+    last: Output
+    parts: list[str]
+    logprobs: list[events.TokenLogprob] | None
+    first_token_at: float | None
+    watch: _Watch
 
 
 class Yielded(Exception):
@@ -74,6 +96,37 @@ class Yielded(Exception):
     def __init__(self, again: Job | None) -> None:
         super().__init__("yielded")
         self.again = again
+
+
+def close_outputs(outputs: Iterator[Output]) -> None:
+    """End an engine's generation now, wherever its consumer stopped reading. A generator left suspended
+    keeps what it holds: llama.cpp's and MLX's engine lock (every later job of the engine would wait for it
+    forever), vLLM's sequence in the batch. Garbage collection would close it only once nothing refers to
+    it, and an exception's traceback (kept by a logger or by Celery) refers to it for as long as it lives."""
+    close = getattr(outputs, "close", None)
+    if close is not None:
+        close()
+
+
+class _Away:
+    """Whether Redis was found unreachable a moment ago. While it is, the calls a job can do without (an
+    event published, a cancel poll) are skipped rather than each waiting out its own timeout, so that a
+    generation keeps its pace through an outage; the first call after the pause tries Redis again."""
+
+    def __init__(self, pause: float = 1.0) -> None:
+        self._pause = pause
+        self._until = 0.0
+
+    def now(self) -> bool:
+        return time.monotonic() < self._until
+
+    def found(self) -> None:
+        self._until = time.monotonic() + self._pause
+
+
+class RecordLost(Exception):
+    """The job's record vanished while it ran (Redis restarted without its data): there is nothing to
+    finish, and no API process could deliver the result."""
 
 
 class JobRunner:
@@ -86,23 +139,59 @@ class JobRunner:
         stats: WorkerStats | None = None,
         preemption: Preemption | None = None,
         preempt_poll_seconds: float = 0.05,
+        liveness: Liveness | None = None,
+        record_retry_seconds: float = 600.0,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
+        self.liveness = liveness or Liveness(stall_seconds=30.0)
         self._r = client
         self._store = JobStore(client)
         self._models = models
         self._cancel_poll = cancel_poll_seconds
         self._preemption = preemption
         self._preempt_poll = preempt_poll_seconds
+        self._record_retry = record_retry_seconds
+        self._away = _Away()
+        # Ids of the jobs this process runs now: tells our own claim, applied before its reply was lost,
+        # from a duplicate delivery of a job that runs here already.
+        self._active: set[str] = set()
+        self._active_lock = threading.Lock()
 
     def run(self, job: Job) -> Job | None:
         """Run ``job``; returns the job to queue again when it gave its slot up (a batch line yielding to
         an interactive request), else None."""
-        if not self._store.claim(job, self.worker):
+        if not self._claim(job):
             # Finished, cancelled, or re-queued as a later attempt: this delivery is stale.
             logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
             return None
+        try:
+            return self._run_claimed(job)
+        finally:
+            with self._active_lock:
+                self._active.discard(job.id)
+
+    def _claim(self, job: Job) -> bool:
+        with self._active_lock:
+            if job.id in self._active:
+                return False
+            self._active.add(job.id)
+        try:
+            if self._durably(f"claim {job.id}", lambda: self._store.claim(job, self.worker)):
+                return True
+            # A claim applied by Redis whose reply was lost (and retried) reads as refused; the record says
+            # whether it is ours, and no thread of this process runs the job.
+            ours = self._durably(f"read {job.id}", lambda: self._store.runs_on(job, self.worker))
+        except BaseException:
+            with self._active_lock:
+                self._active.discard(job.id)
+            raise
+        if not ours:
+            with self._active_lock:
+                self._active.discard(job.id)
+        return ours
+
+    def _run_claimed(self, job: Job) -> Job | None:
         channel = keys.stream_channel(job.id)
         self.stats.job_started()
         # What the job counts for in this worker's stats, reported once whichever way it ends.
@@ -127,6 +216,11 @@ class JobRunner:
             self._fail(job, channel, ErrorCode.UNSUPPORTED_VALUE, str(exc), exc.param)
         except ModelNotLoaded as exc:
             self._fail(job, channel, ErrorCode.MODEL_NOT_LOADED, str(exc), "model")
+        except RecordLost:
+            # Stopped; a client still listening hears why its stream ends here.
+            message = "The job's record was lost (Redis restarted without its data); it was stopped."
+            lost = events.Failed(attempt=job.attempt, code=ErrorCode.INTERNAL, message=message)
+            self._publish(channel, lost)
         except Exception as exc:
             # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
             logger.exception("job %s failed", job.id)
@@ -142,42 +236,28 @@ class JobRunner:
         """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
         engine = self._models.get(job.model)
         started = time.monotonic()
-        first_token_at: float | None = None
+        progress = self.liveness.started(job.model)
         outputs = engine.generate(to_generation_request(job))
-        first = next(outputs)
-        self._publish(
-            channel,
-            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens),
-        )
-        parts: list[str] = []
-        logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
-        last = first
-        watch = _Watch()
-        for out in self._watch(job, engine.abort, outputs, watch):
-            last = out
-            step_logprobs = _wire_logprobs(out.logprobs) if out.logprobs else None
-            if out.text:
-                if first_token_at is None:
-                    first_token_at = time.monotonic()
-                    self.stats.first_token(first_token_at - started)
-                parts.append(out.text)
-            if logprobs is not None and step_logprobs:
-                logprobs.extend(step_logprobs)
-            if job.stream and (out.text or step_logprobs):
-                self._publish(
-                    channel, events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs)
-                )
-        if watch.yielded and last.finish_reason == "cancelled":
+        try:
+            g = self._decode(job, channel, engine, outputs, progress.tick, started)
+        finally:
+            # On every way out (the end, an engine error, a cancel, a preemption, Redis failing under a
+            # publish or a poll), before anything else can wait: the engine is free for the next job.
+            close_outputs(outputs)
+            self.liveness.ended(progress)
+        first, last = g.first, g.last
+        if g.watch.lost:
+            raise RecordLost(job.id)
+        if g.watch.yielded and last.finish_reason == "cancelled":
             # (A line that ended on its own before the abort took effect is finished below as usual.)
-            raise Yielded(self._store.yield_slot(job, self.worker))
+            raise Yielded(self._durably(f"yield {job.id}", lambda: self._store.yield_slot(job, self.worker)))
         reason = last.finish_reason or "stop"
         # Only a stop string ends a job with one; a record field cannot hold None, so it is left out.
         stop = {"stop_sequence": last.stop_sequence} if last.stop_sequence is not None else {}
-        text = "".join(parts)
-        decode = time.monotonic() - first_token_at if first_token_at is not None else 0.0
-        self._store.finish(
+        text = "".join(g.parts)
+        decode = time.monotonic() - g.first_token_at if g.first_token_at is not None else 0.0
+        self._finish(
             job,
-            self.worker,
             JobState.CANCELLED if reason == "cancelled" else JobState.DONE,
             text=text,
             finish_reason=reason,
@@ -194,10 +274,50 @@ class JobRunner:
                 completion_tokens=last.completion_tokens,
                 stop_sequence=last.stop_sequence,
                 text=None if job.stream else text,
-                logprobs=None if job.stream else logprobs,
+                logprobs=None if job.stream else g.logprobs,
             ),
         )
         return last.completion_tokens, decode
+
+    def _decode(
+        self,
+        job: Job,
+        channel: str,
+        engine: Engine,
+        outputs: Iterator[Output],
+        tick: Callable[[], None],
+        started: float,
+    ) -> _Generated:
+        """The engine loop: every output becomes progress, a delta for a stream, and text for the record."""
+        first_token_at: float | None = None
+        first = next(outputs)
+        tick()
+        self._publish(
+            channel,
+            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens),
+        )
+        parts: list[str] = []
+        logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
+        last = first
+        watch = _Watch()
+        for out in self._watch(job, engine.abort, outputs, watch):
+            tick()
+            last = out
+            step_logprobs = _wire_logprobs(out.logprobs) if out.logprobs else None
+            if out.text:
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                    self.stats.first_token(first_token_at - started)
+                parts.append(out.text)
+            if logprobs is not None and step_logprobs:
+                logprobs.extend(step_logprobs)
+            if job.stream and (out.text or step_logprobs):
+                self._publish(
+                    channel,
+                    events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs),
+                    droppable=True,
+                )
+        return _Generated(first, last, parts, logprobs, first_token_at, watch)
 
     def _embed(self, job: Job, channel: str) -> None:
         engine: Engine = self._models.get(job.model)
@@ -210,9 +330,8 @@ class JobRunner:
             events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=result.prompt_tokens),
         )
         # In the record too: the API rebuilds a lost Finished event from it (pub/sub is at-most-once).
-        self._store.finish(
+        self._finish(
             job,
-            self.worker,
             JobState.DONE,
             embeddings=json.dumps(result.vectors),
             finish_reason="stop",
@@ -241,12 +360,9 @@ class JobRunner:
             try:
                 tokens = next(outputs).prompt_tokens
             finally:
-                if isinstance(outputs, Generator):
-                    outputs.close()
+                close_outputs(outputs)
         self._publish(channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=tokens))
-        self._store.finish(
-            job, self.worker, JobState.DONE, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0
-        )
+        self._finish(job, JobState.DONE, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
         self._publish(
             channel,
             events.Finished(
@@ -268,18 +384,68 @@ class JobRunner:
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + self._cancel_poll
-                if self._store.state(job.id) == JobState.CANCELLED:
+                # While Redis is away the job is taken to be still wanted.
+                assumed: JobState | None = JobState.RUNNING
+                state = self._maybe(partial(self._store.state, job.id), assumed)
+                if state is None and not watch.lost:
+                    logger.warning("job %s lost its record (Redis lost its data); stopping it", job.id)
+                    watch.lost = True
+                if state in (None, JobState.CANCELLED):
                     abort(job.id)
             if may_yield and not watch.yielded and now >= next_yield_poll:
                 next_yield_poll = now + self._preempt_poll
-                busy = self.stats.snapshot().in_flight
-                if self._preemption is not None and self._preemption.wanted(job, self._models.loaded(), busy):
+                busy, loaded = self.stats.snapshot().in_flight, self._models.loaded()
+                wanted = self._preemption and partial(self._preemption.wanted, job, loaded, busy)
+                if wanted and self._maybe(wanted, False):
                     watch.yielded = True
                     abort(job.id)
 
     def _fail(self, job: Job, channel: str, code: ErrorCode, message: str, param: str | None) -> None:
-        self._store.finish(job, self.worker, JobState.FAILED, error=message, error_code=code.value)
+        self._finish(job, JobState.FAILED, error=message, error_code=code.value)
         self._publish(channel, events.Failed(attempt=job.attempt, code=code, message=message, param=param))
 
-    def _publish(self, channel: str, event: events.AnyEvent) -> None:
-        self._r.publish(channel, events.encode(event))
+    # -- Redis, which may be away for a while -----------------------------------------------------------
+
+    def _finish(self, job: Job, state: JobState, **result: str | int) -> None:
+        """Write the job's end into its record. The record is what the API delivers from (a lost Finished
+        event is rebuilt from it), so a job that ended while Redis was away waits for Redis, bounded."""
+        self._durably(f"finish {job.id}", lambda: self._store.finish(job, self.worker, state, **result))
+
+    def _durably(self, what: str, action: Callable[[], T]) -> T:
+        """``action`` retried while Redis is unreachable, for at most ``record_retry_seconds``."""
+        deadline = time.monotonic() + self._record_retry
+        pause, warned = 0.05, False
+        while True:
+            try:
+                return action()
+            except UNREACHABLE as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                if not warned:
+                    logger.warning("%s: Redis unreachable (%s); retrying until it is back", what, exc)
+                    warned = True
+                self._away.found()
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _maybe(self, action: Callable[[], T], default: T) -> T:
+        """``action``, or ``default`` when Redis is away: for calls a job can go on without."""
+        if self._away.now():
+            return default
+        try:
+            return action()
+        except UNREACHABLE as exc:
+            logger.warning("Redis unreachable (%s); the running jobs go on without it", exc)
+            self._away.found()
+            return default
+
+    def _publish(self, channel: str, event: events.AnyEvent, droppable: bool = False) -> None:
+        """Pub/sub is at-most-once and the API replays what it missed from the job record, so an event
+        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away."""
+        if droppable and self._away.now():
+            return
+        try:
+            self._r.publish(channel, events.encode(event))
+        except UNREACHABLE as exc:
+            logger.warning("dropped a %s event of %s: Redis unreachable (%s)", event.type, channel, exc)
+            self._away.found()

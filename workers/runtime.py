@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from queueing import keys
 from queueing.catalog import Catalog
@@ -21,6 +23,7 @@ from queueing.jobstore import JobStore
 from queueing.registry import LoadFailure, ModelState, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
+from workers.liveness import Liveness
 from workers.models import ModelManager
 from workers.preempt import Preemption
 from workers.runner import JobRunner
@@ -44,9 +47,21 @@ class WorkerRuntime:
     # Celery's consumer, once the worker consumes; queue changes are handed to its event loop.
     consumer: Any = None
     started_at: float = field(default_factory=time.time)
+    # Models whose running generations stopped moving (workers/liveness.py): their queues are not consumed
+    # and the worker is unhealthy, out of routing, until they move again.
+    stalled: frozenset[str] = frozenset()
+    _loading: set[str] = field(default_factory=set)
+
+    @property
+    def liveness(self) -> Liveness:
+        return self.runner.liveness
 
     def queues(self) -> list[str]:
-        return [keys.worker_queue(self.name), *(keys.model_queue(m) for m in self.models.loaded())]
+        return [keys.worker_queue(self.name), *(keys.model_queue(m) for m in self.serving())]
+
+    def serving(self) -> list[str]:
+        """The loaded models this worker takes work for now."""
+        return [m for m in self.models.loaded() if m not in self.stalled]
 
     def info(self) -> WorkerInfo:
         s = self.stats.snapshot()
@@ -57,7 +72,9 @@ class WorkerRuntime:
             pid=os.getpid(),
             platform=f"{platform.system().lower()}-{platform.machine().lower()}",
             engine=",".join(self.models.engine_names()) or (self.settings.worker_engine or ""),
-            models=self.models.loaded(),
+            models=self.serving(),
+            healthy=not self.stalled,
+            stalled=sorted(self.stalled),
             model_states=self.models.statuses(),
             capable=self.models.capable(),
             load_errors=dict(self.models.load_errors),
@@ -86,14 +103,46 @@ class WorkerRuntime:
             self._beat()
 
     def on_model_change(self, model: str, state: ModelState | None) -> None:
-        queue = keys.model_queue(model)
-        if self.consumer is not None:
-            # Queue changes run on the consumer's event loop, never on this thread.
-            if state == "ready":
-                self.consumer.call_soon(self.consumer.add_task_queue, queue)
-            elif state == "unloading":
-                self.consumer.call_soon(self.consumer.cancel_task_queue, queue)
+        if state == "loading":
+            self._loading.add(model)
+            self.liveness.load_started()
+        elif model in self._loading:
+            self._loading.discard(model)
+            self.liveness.load_ended()
+        if state == "ready" and model not in self.stalled:
+            self._consume(model, True)
+        elif state == "unloading":
+            self._consume(model, False)
         self._beat()
+
+    def check_liveness(self) -> None:
+        """Take stalled models out of this worker's service and put recovered ones back (every beat)."""
+        now = frozenset(self.liveness.stalled())
+        for model in sorted(now - self.stalled):
+            logger.warning(
+                "%s stalled: its running jobs got no output for %gs; %s is unhealthy and stops taking "
+                "its work until they move again",
+                model,
+                self.liveness.stall_seconds,
+                self.name,
+            )
+            self._consume(model, False)
+        for model in sorted(self.stalled - now):
+            logger.warning("%s moves again; %s takes its work again", model, self.name)
+            if model in self.models.loaded():
+                self._consume(model, True)
+        self.stalled = now
+
+    def _consume(self, model: str, on: bool) -> None:
+        if self.consumer is None:
+            return
+        # Queue changes run on the consumer's event loop, never on this thread.
+        change = self.consumer.add_task_queue if on else self.consumer.cancel_task_queue
+        self.consumer.call_soon(change, keys.model_queue(model))
+
+    def on_beat(self) -> None:
+        self.check_liveness()
+        self.models.expire_idle()
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
@@ -109,11 +158,31 @@ def concurrency(settings: Settings, catalog: Catalog) -> int:
     return ModelManager(catalog, settings.worker_engine).concurrency_for(settings.model_list())
 
 
+def worker_redis(settings: Settings, slots: int) -> redis.Redis:
+    """The worker's Redis client. A connection per job slot, plus the heartbeat's and a spare; a thread
+    that finds them all busy waits for one (bounded) rather than failing at once. Short timeouts and quick
+    retries: a Redis that restarts costs a moment, a frozen one a bounded wait, never a thread stuck."""
+    timeout = settings.worker_redis_timeout
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=slots + 2,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # A pooled connection idle this long is checked before use: after a Redis restart every one of
+        # them is dead, and a job's first command should not be the one that finds out.
+        health_check_interval=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> WorkerRuntime:
     """Load this worker's models; called once per worker process before it consumes."""
     global _runtime
     name = settings.worker_name or nodename
-    client = redis.Redis.from_url(settings.redis_url)
+    slots = concurrency(settings, catalog)
+    client = worker_redis(settings, slots)
     models = ModelManager(
         catalog,
         settings.worker_engine,
@@ -126,15 +195,25 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
     for model in settings.model_list():
         models.load(model, pinned=model in pinned)
     stats = WorkerStats()
-    slots = concurrency(settings, catalog)
     preemption = Preemption(client, name, slots) if settings.batch_preempt else None
+    runner = JobRunner(
+        name,
+        client,
+        models,
+        stats=stats,
+        preemption=preemption,
+        liveness=Liveness(settings.worker_stall_timeout),
+        # A job that ended while Redis was away delivers its result when Redis returns, as long as its
+        # request can still be waiting for it.
+        record_retry_seconds=settings.request_timeout,
+    )
     rt = WorkerRuntime(
         name=name,
         node=nodename,
         settings=settings,
         client=client,
         models=models,
-        runner=JobRunner(name, client, models, stats=stats, preemption=preemption),
+        runner=runner,
         stats=stats,
         store=JobStore(client),
         concurrency=slots,
@@ -155,7 +234,7 @@ def start_heartbeat(app: Celery, runtime: WorkerRuntime, consumer: Any) -> None:
         s.heartbeat_interval,
         s.heartbeat_ttl,
         lambda job: enqueue(app, job),
-        on_beat=runtime.models.expire_idle,
+        on_beat=runtime.on_beat,
     )
     runtime.heartbeat.recover_previous_life()
     runtime.heartbeat.beat()

@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 def generate(job: dict[str, Any]) -> None:
     rt = get_runtime()
     parsed = Job.model_validate(job)
-    if parsed.model not in rt.models.loaded():
-        # The model was unloaded here since the job was routed (or this worker is still leaving the model's
-        # queue): back to the shared queue, same attempt, rather than failing it. Only a job still waiting
-        # for this attempt goes back, so a stale delivery is dropped here as it would be at claim.
+    if parsed.model not in rt.serving():
+        # The model was unloaded or stalled here since the job was routed (or this worker is still leaving
+        # the model's queue): back to the shared queue, same attempt, rather than failing it. Only a job
+        # still waiting for this attempt goes back, so a stale delivery is dropped here as at claim.
         if rt.store.unroute(parsed, rt.name) or rt.store.is_waiting(parsed):
             logger.info("model %s not loaded here; job %s goes to the shared queue", parsed.model, parsed.id)
             enqueue(app, parsed)
