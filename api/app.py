@@ -19,6 +19,8 @@ from api.batches.driver import BatchDriver
 from api.batches.store import BatchStore
 from api.files import Files
 from api.filestore import LocalFileStore
+from api.input_limits import InputLimitsMiddleware
+from api.input_limits import Limits as InputLimits
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
 from api.responses.background import BackgroundResponses
@@ -101,6 +103,9 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         metrics,
     ):
         app.include_router(module.router)
+    # Innermost: bodies are read and checked only once the key check let the request in.
+    app.state.input_limits = InputLimits.from_settings(settings)  # also for WebSocket messages
+    app.add_middleware(InputLimitsMiddleware, limits=app.state.input_limits)
     keys = auth.Keys.from_settings(settings)
     if keys is not None:
         # Middleware, not a dependency: it covers every route, also those added later and /docs.

@@ -47,7 +47,12 @@ def grammar_for(schema: dict[str, Any], vocab: Any) -> LlamaGrammar:
     """A grammar accepting only JSON documents valid for ``schema`` (``{}``: any JSON object), checked
     against the model's vocabulary (``llama_vocab*``)."""
     # Key order is kept: the grammar writes properties in the order the schema lists them.
-    gbnf = _gbnf(json.dumps(_closed(schema)))
+    try:
+        closed = json.dumps(_closed(schema))
+    except RecursionError:
+        # The API refuses bodies this deep; a job from elsewhere still gets a 400, not a crashed worker.
+        raise UnsupportedRequest("The JSON schema nests too deeply.", "response_format") from None
+    gbnf = _gbnf(closed)
     grammar = LlamaGrammar.from_string(gbnf, verbose=False)
     # llama.cpp's own parser has the last word; a grammar it rejects would reach the sampler chain as NULL.
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), grammar._root.encode())

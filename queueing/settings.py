@@ -102,6 +102,14 @@ class Settings(BaseSettings):
         description="Where uploaded files and batch results are kept (metadata is in Redis).",
     )
     file_max_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest file `POST /v1/files` accepts.")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Largest JSON request body the API accepts (a 413 beyond)."
+    )
+    max_json_depth: int = Field(
+        64,
+        gt=0,
+        description="Deepest nesting of arrays and objects in a JSON body, batch line or WebSocket message.",
+    )
     batch_max_in_flight: int = Field(
         16, gt=0, description="Most lines of one batch queued or running at once; the rest wait in the file."
     )

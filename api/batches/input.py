@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from api import errors
+from api import errors, input_limits
 from api.protocol.batches import RequestLine
+from queueing.settings import Settings
 
 # How many bad lines one error message names; the count says how many more there are.
 _NAMED = 10
+# Lines are checked as request bodies are (api.input_limits); the file was uploaded as a file, not a body.
+_MAX_DEPTH: int = Settings.model_fields["max_json_depth"].default
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class InputLine:
     request: RequestLine
 
 
-def parse(data: bytes) -> list[InputLine]:
+def parse(data: bytes, max_depth: int = _MAX_DEPTH) -> list[InputLine]:
     """The requests of a JSONL file. A file with lines that are not requests is refused as a whole (400),
     naming the bad lines: a request that is well-formed but wrong (another endpoint, an unknown model) is
     not judged here but answered in the batch's error file, so the rest of the batch still runs."""
@@ -31,7 +34,11 @@ def parse(data: bytes) -> list[InputLine]:
         if not raw.strip():
             continue
         try:
+            input_limits.check(raw, max_depth, f"Line {number}")
             request = RequestLine.model_validate(json.loads(raw))
+        except errors.ApiError as exc:
+            problems.append(exc.message[:1].lower() + exc.message[1:].rstrip("."))
+            continue
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append(f"line {number} is not valid JSON ({exc})")
             continue

@@ -11,7 +11,32 @@ from queueing.catalog import ModelSpec
 from queueing.jobs import Sampling
 
 logger = logging.getLogger(__name__)
+
+# Unknown field names already logged, as (model, name). Bounded: a client can send any number of names, and
+# what it sends must neither grow this set for ever nor write a log line per name.
 _seen_unknown: set[tuple[str, str]] = set()
+_MAX_REMEMBERED = 512
+_NAMED_PER_LINE = 5
+_NAME_CHARS = 64
+
+
+def _note_unknown(model: str, names: set[str]) -> None:
+    """One log line per model and request for the unknown names not logged before; once the set is full,
+    one last line, and no more."""
+    if len(_seen_unknown) >= _MAX_REMEMBERED:
+        return
+    new = sorted({n[:_NAME_CHARS] for n in names} - {n for m, n in _seen_unknown if m == model})
+    if not new:
+        return
+    room = _MAX_REMEMBERED - len(_seen_unknown)
+    _seen_unknown.update((model, n) for n in new[:room])
+    shown = ", ".join(repr(n) for n in new[:_NAMED_PER_LINE])
+    more = f" and {len(new) - _NAMED_PER_LINE} more" if len(new) > _NAMED_PER_LINE else ""
+    logger.info("%s: ignoring unknown field(s) %s%s", model, shown, more)
+    if len(_seen_unknown) >= _MAX_REMEMBERED:
+        logger.info(
+            "%d unknown field names logged, as many as are kept; new ones go unlogged", _MAX_REMEMBERED
+        )
 
 
 class OpenAIBaseModel(BaseModel):
@@ -23,10 +48,9 @@ class OpenAIBaseModel(BaseModel):
     def _log_unknown(cls, data: Any) -> Any:
         if isinstance(data, dict):
             known = {f.alias or n for n, f in cls.model_fields.items()} | cls.model_fields.keys()
-            for name in data.keys() - known:
-                if (cls.__name__, name) not in _seen_unknown:
-                    _seen_unknown.add((cls.__name__, name))
-                    logger.info("%s: ignoring unknown field %r", cls.__name__, name)
+            unknown = {n for n in data.keys() - known if isinstance(n, str)}
+            if unknown:
+                _note_unknown(cls.__name__, unknown)
         return data
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from api import errors
+from api import errors, input_limits
 from api.adapters.responses_stream import Writer
 from api.protocol.responses import (
     CompactRequest,
@@ -166,6 +166,7 @@ async def responses_websocket(websocket: WebSocket) -> None:
     earlier one of the same connection by ``previous_response_id`` even when it was not stored."""
     service = cast(Responses, websocket.app.state.responses)
     owner = owner_of(_key(websocket.headers))
+    limits = cast(input_limits.Limits, websocket.app.state.input_limits)
     await websocket.accept()
     # The responses of this connection, for previous_response_id also when they were not stored.
     known: dict[str, StoredResponse] = {}
@@ -173,6 +174,7 @@ async def responses_websocket(websocket: WebSocket) -> None:
         while True:
             raw = await websocket.receive_text()
             try:
+                input_limits.check(raw.encode(), limits.max_depth, "The message")
                 message = ResponseCreateMessage.model_validate_json(raw)
                 await _ws_turn(websocket, service, owner, message, known)
             except ValidationError as exc:

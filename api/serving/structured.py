@@ -87,7 +87,7 @@ def _history(turn: Turn) -> ChatMessage:
 def _loads_or_text(arguments: str) -> Any:
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # a string the client sent: any depth reaches here
         return arguments
 
 
@@ -164,7 +164,7 @@ def tool_call(plan: Plan, text: str) -> Call | None:
         return None
     try:
         parsed = json.loads(_FENCES.sub("", text))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(parsed, dict) or parsed.get("name") not in plan.tools:
         return None
