@@ -62,7 +62,7 @@ def check(raw: bytes, max_depth: int, what: str = "The body") -> None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise errors.invalid_request(
-            f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason}).", None, "invalid_encoding"
+            f"{what} is not valid JSON: not UTF-8 (byte {exc.start}: {exc.reason}).", None, "invalid_encoding"
         ) from None
     levels = depth(raw)
     if levels > max_depth:

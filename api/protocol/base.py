@@ -32,11 +32,17 @@ def _note_unknown(model: str, names: set[str]) -> None:
     _seen_unknown.update((model, n) for n in new[:room])
     shown = ", ".join(repr(n) for n in new[:_NAMED_PER_LINE])
     more = f" and {len(new) - _NAMED_PER_LINE} more" if len(new) > _NAMED_PER_LINE else ""
-    logger.info("%s: ignoring unknown field(s) %s%s", model, shown, more)
+    logger.info("%s: ignoring unknown field%s %s%s", model, "s" if len(new) > 1 else "", shown, more)
     if len(_seen_unknown) >= _MAX_REMEMBERED:
         logger.info(
             "%d unknown field names logged, as many as are kept; new ones go unlogged", _MAX_REMEMBERED
         )
+
+
+# Counts a request may hold (the body size, api.input_limits, bounds the rest): far above any real
+# conversation, far below what costs the API memory and a worker's chat template its time.
+MAX_ITEMS = 10_000
+MAX_STOP_SEQUENCES = 64
 
 
 class OpenAIBaseModel(BaseModel):

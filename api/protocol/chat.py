@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_serializer
 
-from api.protocol.base import OpenAIBaseModel, SamplingRequest, StreamOptions, Usage
+from api.protocol.base import MAX_ITEMS, OpenAIBaseModel, SamplingRequest, StreamOptions, Usage
 from api.protocol.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolCallParam, ToolChoice
 from queueing import events
 from queueing.catalog import ModelSpec
@@ -37,7 +37,9 @@ class ChatMessageParam(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessageParam] = Field(min_length=1, description="The conversation so far.")
+    messages: list[ChatMessageParam] = Field(
+        min_length=1, max_length=MAX_ITEMS, description="The conversation so far."
+    )
     model: str = Field(description="A model id from GET /v1/models.")
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from api.protocol.base import OpenAIBaseModel
+from api.protocol.base import MAX_ITEMS, MAX_STOP_SEQUENCES, OpenAIBaseModel
 
 
 class AnthropicBaseModel(OpenAIBaseModel):
@@ -186,7 +186,9 @@ class ConversationRequest(AnthropicBaseModel):
     """What ``/v1/messages`` and ``/v1/messages/count_tokens`` share: the prompt and the tools."""
 
     model: str = Field(description="A model id from GET /v1/models.")
-    messages: list[MessageParam] = Field(min_length=1, description="The conversation so far.")
+    messages: list[MessageParam] = Field(
+        min_length=1, max_length=MAX_ITEMS, description="The conversation so far."
+    )
     system: TextBlocks | None = Field(None, description="A string or text blocks.")
     tools: list[Annotated[ToolParam, BeforeValidator(_custom_tool)]] | None = Field(
         None, max_length=128, description="Client tools the model may call."
@@ -211,7 +213,9 @@ class ConversationRequest(AnthropicBaseModel):
 class MessagesRequest(ConversationRequest):
     max_tokens: int = Field(ge=1, description="Upper bound on generated tokens.")
     metadata: Metadata | None = None
-    stop_sequences: list[str] | None = Field(None, description="Sequences where generation stops.")
+    stop_sequences: list[str] | None = Field(
+        None, max_length=MAX_STOP_SEQUENCES, description="Sequences where generation stops."
+    )
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="Sample from the k most likely tokens.")

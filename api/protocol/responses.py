@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, model_validator
 
-from api.protocol.base import OpenAIBaseModel
+from api.protocol.base import MAX_ITEMS, OpenAIBaseModel
 
 ToolName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
 CallId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -155,6 +155,7 @@ InputItem = Annotated[
         ),
     ),
 ]
+InputItems = Annotated[list[InputItem], Field(max_length=MAX_ITEMS)]
 
 
 # --- tools and text format ---
@@ -241,7 +242,7 @@ class ResponsesRequest(OpenAIBaseModel):
     background: bool = Field(False, description="Run in the background and return at once.")
     conversation: str | dict[str, Any] | None = Field(None, description="A conversation to add to.")
     include: list[str] | None = Field(None, description="Extra output to include.")
-    input: str | list[InputItem] = Field(
+    input: str | InputItems = Field(
         default_factory=list, description="A user message as text, or a list of input items."
     )
     instructions: str | None = Field(None, description="A system message placed before the input.")
@@ -298,7 +299,7 @@ class CompactRequest(OpenAIBaseModel):
     """``POST /v1/responses/compact``."""
 
     model: str = Field(description="A model id from GET /v1/models.")
-    input: str | list[InputItem] | None = Field(None, description="Text, or a list of input items.")
+    input: str | InputItems | None = Field(None, description="Text, or a list of input items.")
     previous_response_id: str | None = None
     instructions: str | None = None
     prompt_cache_key: str | None = Field(None, max_length=64)

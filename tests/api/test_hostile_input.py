@@ -185,7 +185,7 @@ def test_raw_surrogate_bytes_are_not_utf8(http: TestClient) -> None:
     raw = b'{"model": "m", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'
     for path in ("/v1/chat/completions", "/v1/messages"):
         message, _, code = refusal(http.post(path, content=raw, headers=JSON), path)
-        assert "not valid UTF-8" in message and code in (None, "invalid_encoding")
+        assert "not UTF-8" in message and code in (None, "invalid_encoding")
 
 
 def test_a_body_over_the_size_limit_is_413_in_each_envelope(http: TestClient) -> None:
@@ -336,4 +336,33 @@ def test_unknown_fields_are_logged_once_per_name(http: TestClient, caplog: pytes
         r = http.post("/v1/chat/completions", json={**CHAT, "future_field": 1, "top_p": 5})
         assert r.status_code == 400
     logged = [r.getMessage() for r in caplog.records if r.name == "api.protocol.base"]
-    assert logged == ["ChatCompletionRequest: ignoring unknown field(s) 'future_field'"]
+    assert logged == ["ChatCompletionRequest: ignoring unknown field 'future_field'"]
+
+
+MANY = [{"role": "user", "content": "x"}] * 10_001
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "messages": MANY}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL] * 129}, "tools"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["s"] * 5}, "stop"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["s"] * 5}, "stop"),
+        ("/v1/embeddings", {"model": MODEL, "input": ["x"] * 2049}, "input"),
+        ("/v1/responses", {"model": MODEL, "input": MANY}, "input"),
+        ("/v1/responses/compact", {"model": MODEL, "input": MANY}, "input"),
+        ("/v1/messages", {**MESSAGES, "messages": MANY}, "messages"),
+        ("/v1/messages", {**MESSAGES, "stop_sequences": ["s"] * 65}, "stop_sequences"),
+        ("/v1/messages/count_tokens", {"model": MODEL, "messages": MANY}, "messages"),
+    ],
+)
+def test_counts_over_their_limit_are_a_400_and_no_job(
+    http: TestClient, fleet: redis.Redis, path: str, body: dict[str, Any], param: str
+) -> None:
+    message, got, code = refusal(http.post(path, json=body), path)
+    assert f"`{param}`" in message or got == param, message
+    if not path.startswith("/v1/messages"):
+        assert (got, code) == (param, "invalid_value")
+    no_jobs(fleet)
