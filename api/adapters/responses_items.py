@@ -47,11 +47,17 @@ def summary_of(item: CompactionItem) -> str:
         raw = base64.b64decode(item.encrypted_content, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raw = ""
-    if not raw.startswith(COMPACTION_PREFIX):
+    doc = None
+    if raw.startswith(COMPACTION_PREFIX):
+        try:  # the client sends it back: any text, any depth
+            doc = json.loads(raw[len(COMPACTION_PREFIX) :])
+        except (ValueError, RecursionError):
+            doc = None
+    if not isinstance(doc, dict):
         raise errors.invalid_request(
             "This compaction item was not made by this server.", "input", "invalid_encrypted_content"
         )
-    return str(json.loads(raw[len(COMPACTION_PREFIX) :]).get("summary", ""))
+    return str(doc.get("summary", ""))
 
 
 def compaction_content(summary: str) -> str:

@@ -8,6 +8,7 @@ would be put on the queue: what is refused must be refused before any job exists
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from api.adapters.responses_items import COMPACTION_PREFIX
 from api.app import create_app
 from api.protocol import base
 from ops.redis_server import RedisServer
@@ -366,3 +368,25 @@ def test_counts_over_their_limit_are_a_400_and_no_job(
     if not path.startswith("/v1/messages"):
         assert (got, code) == (param, "invalid_value")
     no_jobs(fleet)
+
+
+def test_json_inside_strings_is_parsed_safely(http: TestClient, fleet: redis.Redis) -> None:
+    """Strings the server itself parses as JSON (a compaction item, earlier tool-call arguments) may nest
+    any depth: the body limit cannot see inside a string."""
+    deep = DEEP.decode()
+    for content in (COMPACTION_PREFIX + deep, COMPACTION_PREFIX + "[1]"):
+        item = {"type": "compaction", "encrypted_content": base64.b64encode(content.encode()).decode()}
+        r = http.post("/v1/responses", json={"model": MODEL, "input": [item]})
+        _, param, code = refusal(r, "/v1/responses")
+        assert (param, code) == ("input", "invalid_encrypted_content")
+    no_jobs(fleet)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}
+    history = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "r"},
+    ]
+    r = http.post("/v1/chat/completions", json={**CHAT, "messages": history, "tools": [TOOL]})
+    # The arguments go to the model as the text they are: the job is queued (and the ghost never answers).
+    assert r.status_code == 504, r.text[:300]
+    assert len(fleet.keys(f"{keys.JOB_PREFIX}*")) == 1
