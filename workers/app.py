@@ -23,6 +23,9 @@ app = create_celery(get_settings(), get_catalog())
 # computes; forking a process that holds a loaded model is not safe.
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = runtime.concurrency(get_settings(), get_catalog())
+if get_settings().redis_url.startswith("redis://"):
+    # The same Redis transport, minus a crash on a lost connection (workers/broker.py).
+    app.conf.broker_transport = "workers.broker:Transport"
 
 
 @celeryd_after_setup.connect
