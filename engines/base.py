@@ -88,7 +88,9 @@ class Engine(Protocol):
     name: str
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
-        """Stream the generation; raises ContextLengthExceeded before the first output."""
+        """Stream the generation; raises ContextLengthExceeded before the first output. A caller that stops
+        reading before the end must ``close()`` the iterator: until then an engine that serialises its
+        generations (llama.cpp, MLX) holds its lock, and vLLM keeps the sequence in its batch."""
         ...
 
     def abort(self, request_id: str) -> None:
