@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 
 import jsonschema
@@ -177,3 +178,23 @@ def test_a_seed_gives_the_same_text_whatever_ran_before(engine: Engine) -> None:
     after_other = sample(sea, 11)
     after_same = sample(sea, 11)  # the whole prompt is in the cache now
     assert after_other == after_same
+
+
+def test_a_generation_closed_mid_stream_frees_the_engine_for_the_next(engine: Engine) -> None:
+    # The worker's runner closes a generation it stops reading (a Redis error, a cancel): the engine lock
+    # is released there, not whenever the garbage collector gets to the suspended generator.
+    gen = engine.generate(GenerationRequest("r-closed", MSG, max_tokens=100, ignore_eos=True))
+    next(gen)
+    next(gen)
+    held = gen  # still referenced, as a kept traceback would
+    held.close()
+    done: list[int] = []
+
+    def again() -> None:
+        outs = list(engine.generate(GenerationRequest("r-next", MSG, max_tokens=2, temperature=0)))
+        done.append(outs[-1].completion_tokens)
+
+    t = threading.Thread(target=again, daemon=True)
+    t.start()
+    t.join(30)
+    assert done, "the closed generation still holds the engine"
