@@ -12,6 +12,7 @@ import pytest
 
 from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
 from queueing.catalog import DEFAULT_CATALOG, Catalog
+from workers.runner import close_outputs
 
 llamacpp = pytest.importorskip("engines.llamacpp")
 Jinja2ChatFormatter = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
@@ -186,8 +187,7 @@ def test_a_generation_closed_mid_stream_frees_the_engine_for_the_next(engine: En
     gen = engine.generate(GenerationRequest("r-closed", MSG, max_tokens=100, ignore_eos=True))
     next(gen)
     next(gen)
-    held = gen  # still referenced, as a kept traceback would
-    held.close()
+    close_outputs(gen)  # what the runner does; ``gen`` stays referenced, as a kept traceback would
     done: list[int] = []
 
     def again() -> None:
