@@ -26,6 +26,7 @@ app.conf.worker_concurrency = runtime.concurrency(get_settings(), get_catalog())
 if get_settings().redis_url.startswith("redis://"):
     # The same Redis transport, minus a crash on a lost connection (workers/broker.py).
     app.conf.broker_transport = "workers.broker:Transport"
+app.conf.worker_consumer = "workers.broker:Consumer"
 
 
 @celeryd_after_setup.connect
