@@ -10,8 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 import redis.asyncio as aredis
 from fastapi import Depends, FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from starlette.requests import HTTPConnection
 
 from api import auth, errors
@@ -53,14 +56,36 @@ async def _routing_header(connection: HTTPConnection) -> None:
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
 
 
+def api_redis(settings: Settings) -> aredis.Redis:
+    """The API's Redis client. Short timeouts and no retry on a timeout: while Redis is down or frozen a
+    request answers 503 within about ``api_redis_timeout`` (redis-py's default retries would stretch that to
+    ~5 s). One quick retry on a connection error, which is what a pooled connection that a Redis restart
+    closed raises: the next connection reconnects. A blocking pool: under a burst a request waits for a
+    connection (bounded) instead of failing with "Too many connections"."""
+    timeout = settings.api_redis_timeout
+    pool = aredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.api_redis_max_connections,
+        timeout=settings.api_redis_pool_timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # A connection idle this long is pinged before use, so a restart is found by the check, not by a
+        # request's command.
+        health_check_interval=5,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(redis.ConnectionError,)),
+    )
+    # from_pool: the client owns the pool, so closing the client closes its connections.
+    return aredis.Redis.from_pool(pool)
+
+
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
     settings = settings or get_settings()
     catalog = catalog or get_catalog()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0)
-        hub = StreamHub(settings.redis_url)
+        client = api_redis(settings)
+        hub = StreamHub(settings.redis_url, timeout=settings.api_redis_timeout)
         await hub.start()
         celery = create_celery(settings, catalog)
         app.state.redis = client

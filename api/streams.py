@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import hiredis
+import redis
 from redis.connection import SSLConnection, parse_url
 
 from queueing import keys
@@ -72,13 +73,33 @@ class _PubSubProtocol(asyncio.Protocol):
 
 
 class StreamHub:
-    def __init__(self, redis_url: str, queue_size: int = 4096, reconnect_delay: float = 0.5) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        queue_size: int = 4096,
+        reconnect_delay: float = 0.5,
+        timeout: float = 0.5,
+        keepalive: float = 1.0,
+        dead_after: float = 5.0,
+    ) -> None:
         self._options: dict[str, Any] = parse_url(redis_url)  # type: ignore[no-untyped-call]
         self._queue_size = queue_size
         self._reconnect_delay = reconnect_delay
+        # Connecting may take this long (Redis may be frozen: the kernel still accepts the connection).
+        self._timeout = timeout
+        # A PING every ``keepalive`` seconds; a connection that answered nothing for ``dead_after`` is dead.
+        # A frozen (SIGSTOPped) Redis or a cut network closes nothing, so without this the hub would wait on
+        # a silent socket forever and never resubscribe. Generous: a loaded Redis is slow, not dead.
+        self._keepalive = keepalive
+        self._dead_after = dead_after
+        self._last_reply = 0.0
         self._subs: dict[str, Subscription] = {}
         self._transport: asyncio.Transport | None = None
         self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
 
     async def start(self) -> None:
         protocol = await self._connect()
@@ -99,8 +120,15 @@ class StreamHub:
         sub = Subscription(channel, self._queue_size)
         self._subs[channel] = sub
         try:
+            if not self.connected:
+                # Reconnecting: a 503 now rather than a request that waits for a Redis that is away.
+                raise redis.ConnectionError("pub/sub connection to Redis is down")
             self._send(_command("SUBSCRIBE", channel))
-            await asyncio.wait_for(asyncio.shield(sub.ready), confirm_within)
+            try:
+                await asyncio.wait_for(asyncio.shield(sub.ready), confirm_within)
+            except TimeoutError:
+                message = f"Redis did not confirm SUBSCRIBE within {confirm_within}s"
+                raise redis.TimeoutError(message) from None
             yield sub
         finally:
             self._subs.pop(channel, None)
@@ -115,14 +143,16 @@ class StreamHub:
         loop = asyncio.get_running_loop()
         opts = self._options
         protocol = _PubSubProtocol(self)
-        if "path" in opts:
-            transport, _ = await loop.create_unix_connection(lambda: protocol, opts["path"])
-        else:
-            tls = ssl.create_default_context() if opts.get("connection_class") is SSLConnection else None
-            transport, _ = await loop.create_connection(
-                lambda: protocol, opts.get("host", "localhost"), opts.get("port", 6379), ssl=tls
-            )
+        async with asyncio.timeout(self._timeout):
+            if "path" in opts:
+                transport, _ = await loop.create_unix_connection(lambda: protocol, opts["path"])
+            else:
+                tls = ssl.create_default_context() if opts.get("connection_class") is SSLConnection else None
+                transport, _ = await loop.create_connection(
+                    lambda: protocol, opts.get("host", "localhost"), opts.get("port", 6379), ssl=tls
+                )
         self._transport = transport
+        self._last_reply = loop.time()
         if opts.get("password"):
             user = [opts["username"]] if opts.get("username") else []
             self._send(_command("AUTH", *user, opts["password"]))
@@ -132,7 +162,7 @@ class StreamHub:
 
     async def _keep_connected(self, protocol: _PubSubProtocol) -> None:
         while True:
-            await protocol.lost
+            await self._until_lost(protocol)
             # Events published while disconnected are lost; each request's watchdog reads its job record.
             logger.warning("pub/sub connection to Redis lost; reconnecting")
             self._transport = None
@@ -141,10 +171,27 @@ class StreamHub:
                 try:
                     protocol = await self._connect()
                     break
-                except OSError as exc:
-                    logger.warning("pub/sub reconnect failed: %s", exc)
+                except (OSError, TimeoutError) as exc:
+                    logger.warning("pub/sub reconnect failed: %r", exc)
+
+    async def _until_lost(self, protocol: _PubSubProtocol) -> None:
+        """Returns once the connection closed, or answered nothing (not even a PING) for ``dead_after``
+        seconds, which closes it."""
+        loop = asyncio.get_running_loop()
+        while not protocol.lost.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(protocol.lost), self._keepalive)
+            if protocol.lost.done():
+                return
+            if loop.time() - self._last_reply > self._dead_after:
+                logger.warning("pub/sub connection silent for %.1fs (Redis frozen?)", self._dead_after)
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._send(_command("PING"))
 
     def _dispatch(self, reply: Any) -> None:
+        self._last_reply = asyncio.get_running_loop().time()
         if isinstance(reply, hiredis.ReplyError):
             logger.error("pub/sub connection: %s", reply)
             return

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
         description="Worker side: seconds a Redis command may take (socket timeout) and a thread may wait "
         "for a free connection of the worker's pool.",
     )
+    api_redis_timeout: float = Field(
+        0.5,
+        gt=0,
+        description="API side: seconds a Redis command or connect may take before the request answers 503 "
+        "redis_unavailable (health and new requests answer within about this long while Redis is down).",
+    )
+    api_redis_max_connections: int = Field(
+        256,
+        gt=0,
+        description="API side: Redis connections one API process holds at most; a request that finds them "
+        "all busy waits for one (api_redis_pool_timeout) instead of failing. Streams hold one only while "
+        "they read a job record, so a few hundred serve thousands of concurrent streams.",
+    )
+    api_redis_pool_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="API side: seconds a request waits for a free connection of the API's Redis pool.",
+    )
     # Files and batches (api/files.py, api/batches/).
     files_dir: Path = Field(
         Path("~/.local/share/inferq/files"),
