@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import redis
 import redis.asyncio as aredis
 from celery import Celery
 
@@ -149,8 +150,13 @@ class Dispatcher:
             finally:
                 await jr.close()
                 if not jr.finished and options.cancel_on_exit:
-                    # The client left or the request failed: stop the worker spending time on it.
-                    await asyncio.shield(self.store.cancel(job.id))
+                    # The client left or the request failed: stop the worker spending time on it. Not while
+                    # Redis is away (the worker's own polls stop it later): the error that ended the run is
+                    # what the client must see, and a stream still owes it the error event and sentinel.
+                    try:
+                        await asyncio.shield(self.store.cancel(job.id))
+                    except redis.RedisError as exc:
+                        logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
 
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits
@@ -185,6 +191,7 @@ class JobRun:
     finished: bool = False
     _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
+    _redis_away: bool = field(default=False, repr=False)
     # One event stream per run, shared by start() and rest(), so one deadline covers the whole request.
     _stream: AsyncGenerator[events.Event] | None = field(default=None, repr=False)
 
@@ -225,7 +232,7 @@ class JobRun:
             if remaining <= 0:
                 raise errors.timed_out(self.limits.request_timeout)
             raw = await self.sub.get(min(self.limits.poll, remaining))
-            event = events.decode(raw) if raw is not None else await self._watchdog()
+            event = events.decode(raw) if raw is not None else await self._look()
             if event is None or event.attempt < self.attempt:
                 continue
             if event.attempt > self.attempt:
@@ -241,6 +248,21 @@ class JobRun:
             if isinstance(event, events.Finished):
                 self.finished = True
             yield event
+
+    async def _look(self) -> events.Event | None:
+        """The watchdog, and what a Redis error in it means. A stream ends: its client is shown an error
+        now rather than a stream silent for as long as Redis is away. A non-streamed job was accepted and its
+        worker finishes it (and retries writing its result until Redis is back): it waits, bounded by the
+        request's deadline, and gets the result from the record once Redis answers again."""
+        try:
+            return await self._watchdog()
+        except redis.RedisError as exc:
+            if self.job.stream:
+                raise
+            if not self._redis_away:
+                logger.warning("job %s: Redis unavailable (%r); waiting for it to return", self.job.id, exc)
+            self._redis_away = True
+            return None
 
     async def _watchdog(self) -> events.Event | None:
         """Look at the job record when no event came for a while; returns an event the stream missed."""
