@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from ops.redis_server import free_port
+from ops.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +129,21 @@ class Fleet:
                 proc.wait()
         self.workers.clear()
         self.api = None
+
+
+def freeze(server: RedisServer) -> None:
+    """SIGSTOP the redis-server process: its sockets stay open and the kernel still accepts connections,
+    but nothing is answered (a hung Redis, not a dead one) until ``thaw``."""
+    os.kill(server._proc.pid, signal.SIGSTOP)
+
+
+def thaw(server: RedisServer) -> None:
+    os.kill(server._proc.pid, signal.SIGCONT)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
