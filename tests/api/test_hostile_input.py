@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from ops.redis_server import RedisServer
 from queueing import keys, registry
 from queueing.catalog import DEFAULT_CATALOG, Catalog
 from queueing.settings import Settings
+from tests.api.test_auth import all_routes
 
 MODEL = "smollm2-135m"
 DEPTH = 64
@@ -74,19 +74,7 @@ def no_jobs(client: redis.Redis) -> None:
 
 def json_routes(app: FastAPI) -> list[tuple[str, str]]:
     """(method, path) of every HTTP route that may take a body, path parameters filled in."""
-    found: list[tuple[str, str]] = []
-
-    def walk(routes: list[Any]) -> None:
-        for r in routes:
-            if hasattr(r, "original_router"):
-                walk(r.original_router.routes)
-            elif hasattr(r, "path"):
-                path = re.sub(r"\{[^}]+\}", "x", r.path)
-                methods = getattr(r, "methods", None) or set()
-                found.extend((m, path) for m in sorted(methods) if m in ("POST", "PUT", "PATCH", "DELETE"))
-
-    walk(app.routes)
-    return found
+    return [(m, path) for m, path in all_routes(app) if m in ("POST", "PUT", "PATCH", "DELETE")]
 
 
 def openai_error(resp: Any) -> dict[str, Any]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterator
 
 import jsonschema
 import pytest
 
 from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
-from queueing.catalog import DEFAULT_CATALOG, Catalog
 from workers.runner import close_outputs
 
 llamacpp = pytest.importorskip("engines.llamacpp")
@@ -20,12 +18,8 @@ MSG = [{"role": "user", "content": "Count from one to twenty in words."}]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    spec = Catalog.load(DEFAULT_CATALOG).get("smollm2-135m")
-    assert spec is not None
-    e: Engine = llamacpp.LlamaCppEngine(spec.sources["llamacpp"].resolve(), n_ctx=256, n_threads=1)
-    yield e
-    e.close()
+def engine(smollm2_engine: Engine) -> Engine:
+    return smollm2_engine
 
 
 def test_first_output_reports_the_prompt_then_text_then_finish(engine: Engine) -> None:

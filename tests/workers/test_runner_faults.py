@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import redis
 from engines.base import Engine
 from ops.redis_server import RedisServer
 from queueing import keys
-from queueing.catalog import DEFAULT_CATALOG, Catalog
+from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
 from queueing.settings import Settings
@@ -29,12 +28,8 @@ llamacpp = pytest.importorskip("engines.llamacpp")
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    spec = Catalog.load(DEFAULT_CATALOG).get("smollm2-135m")
-    assert spec is not None
-    e: Engine = llamacpp.LlamaCppEngine(spec.sources["llamacpp"].resolve(), n_ctx=256, n_threads=1)
-    yield e
-    e.close()
+def engine(smollm2_engine: Engine) -> Engine:
+    return smollm2_engine
 
 
 class FailingPublish(redis.Redis):
