@@ -99,7 +99,10 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             BatchStore(client), app.state.files, app.state.dispatcher, catalog, settings
         )
         app.state.batches.start()
-        stored = ResponseStore(client, settings.response_ttl)
+        # Half the socket timeout: a replay's blocking read returns before the client gives up on it.
+        stored = ResponseStore(
+            client, settings.response_ttl, max_block_ms=int(settings.api_redis_timeout * 500)
+        )
         background = BackgroundResponses(app.state.dispatcher, stored, catalog, client)
         background.start()
         app.state.responses = Responses(app.state.dispatcher, stored, catalog, background)

@@ -37,9 +37,12 @@ class StoredResponse(BaseModel):
 
 
 class ResponseStore:
-    def __init__(self, client: aredis.Redis, ttl: int) -> None:
+    def __init__(self, client: aredis.Redis, ttl: int, max_block_ms: int = 200) -> None:
         self._r = client
         self.ttl = ttl
+        # A blocking read must end well inside the client's socket timeout, or the wait itself reads as
+        # Redis being unavailable (the API's client times out after ``api_redis_timeout``).
+        self.max_block_ms = max(1, max_block_ms)
 
     async def save(self, stored: StoredResponse) -> None:
         key = keys.response_key(stored.response.id)
@@ -76,7 +79,8 @@ class ResponseStore:
     ) -> list[tuple[int, dict[str, Any]]]:
         """Logged events with a sequence number above ``after``, waiting up to ``block_ms`` for one."""
         key = keys.response_events_key(response_id)
-        found: Any = await self._r.xread({key: f"{after + 1}-0"}, count=256, block=block_ms)
+        block = None if block_ms is None else min(block_ms, self.max_block_ms)
+        found: Any = await self._r.xread({key: f"{after + 1}-0"}, count=256, block=block)
         out: list[tuple[int, dict[str, Any]]] = []
         for _, entries in found or []:
             for entry_id, fields in entries:
