@@ -142,6 +142,26 @@ class Settings(BaseSettings):
     response_ttl: int = Field(
         7 * 24 * 3600, gt=0, description="Seconds a stored Responses API object (and its event log) is kept."
     )
+    job_retention: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a job record (its prompt and result included) is kept after the job ends; "
+        "a stored Responses API object is kept by response_ttl instead.",
+    )
+
+    # What `inferq up` exposes (ops/stack.py). Loopback unless told otherwise.
+    flower_host: str = Field("127.0.0.1", description="Address Flower binds to under `inferq up`.")
+    flower_port: int = Field(5555, description="Port Flower listens on under `inferq up`.")
+    flower_basic_auth: str | None = Field(
+        None,
+        description="`user:password` Flower asks for. Required whenever Flower binds beyond loopback "
+        "(`inferq up` generates one and prints it when unset).",
+    )
+    redis_password: str | None = Field(
+        None,
+        description="Password of the private Redis `inferq up` starts; generated (and written to "
+        "~/.local/share/inferq/redis.password, mode 0600) when unset. Not used with INFERQ_REDIS_URL.",
+    )
     llamacpp_threads: int | None = Field(None, description="llama.cpp threads per model; default: all cores.")
 
     def model_list(self) -> list[str]:
