@@ -163,7 +163,7 @@ def _tool_use(call: Call) -> ToolUseBlock | None:
     """The call as a tool_use block; None when its arguments are not a JSON object (then it is text)."""
     try:
         arguments = json.loads(call.arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # a model can write nesting deeper than the parser goes
         return None
     return ToolUseBlock(name=call.name, input=arguments) if isinstance(arguments, dict) else None
 

@@ -68,6 +68,7 @@ class BatchDriver:
         self.catalog = catalog
         self.max_in_flight = settings.batch_max_in_flight
         self.no_worker_timeout = settings.batch_no_worker_timeout
+        self.max_json_depth = settings.max_json_depth
         self.lease_seconds = lease_seconds
         self.poll = dispatcher.limits.poll
         self.holder = uuid.uuid4().hex
@@ -141,6 +142,11 @@ class BatchDriver:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release(batch_id, self.holder))
 
+    async def read_input(self, file_id: str) -> list[InputLine]:
+        """A batch input file's lines, each checked (nesting depth as for request bodies). Parsing a large
+        file takes a while, so off the event loop."""
+        return await asyncio.to_thread(parse, await self.files.read(file_id), self.max_json_depth)
+
     async def _drive(self, batch_id: str) -> None:
         batch = await self.store.get(batch_id)
         if batch is None or batch.status in TERMINAL:
@@ -152,7 +158,7 @@ class BatchDriver:
             return
         await self.store.move(batch_id, "in_progress", ["validating"])
         try:
-            requests = await asyncio.to_thread(parse, await self.files.read(batch.input_file_id))
+            requests = await self.read_input(batch.input_file_id)
         except errors.ApiError as exc:
             # The input file was deleted (or replaced) after the batch was accepted.
             await self._fail(batch, exc.code or "invalid_input_file", exc.message)
