@@ -18,6 +18,10 @@ from queueing import keys
 from queueing._codec import text
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
+from queueing.settings import get_settings
+
+# Unsent-ledger scores are Redis' own clock in ms (TIME in the scripts): one clock for every process. A
+# record that ended is kept only the retention more (PEXPIRE), never longer than the TTL it already has.
 
 # KEYS: job, worker's job set, worker's assigned set. ARGV: attempt, worker, now, job id.
 _CLAIM = """
@@ -29,7 +33,8 @@ redis.call('SADD', KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS: job, worker's job set. ARGV: attempt, worker, job id, state, then field/value pairs of the result.
+# KEYS: job, worker's job set. ARGV: attempt, worker, job id, state, retention ms, then field/value pairs
+# of the result.
 _FINISH = """
 redis.call('SREM', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
@@ -37,31 +42,72 @@ if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or redis.call('HGET', KEYS[
 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'running' and state ~= 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[4], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'state', ARGV[4], unpack(ARGV, 6))
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 or left > tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
-# KEYS: job[, worker's job set]. ARGV: worker[, job id]. Returns the payload and the new attempt, or nil when
-# the job moved on. For a dead worker (its sets are dropped afterwards), or for a running batch line that
-# gives its own slot up (then the job leaves the worker's set here).
+# KEYS: job, worker's job set, unsent ledger. ARGV: worker, job id, "1" to write the ledger entry. Returns
+# the payload and the new attempt, or nil when the job moved on. For a dead worker (its sets are dropped
+# afterwards), or for a running batch line that gives its own slot up. The ledger entry is written in this
+# same step, so a re-queuer that dies before its send leaves the job to the sweep (_SWEEP_UNSENT).
 _REQUEUE = """
-if #KEYS > 1 then redis.call('SREM', KEYS[2], ARGV[2]) end
+redis.call('SREM', KEYS[2], ARGV[2])
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return nil
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'queued')
 redis.call('HDEL', KEYS[1], 'worker', 'routed_to')
+if ARGV[3] == '1' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[2] .. '#' .. attempt)
+end
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
 """
 
-# KEYS: job. ARGV: dead worker. Like _REQUEUE, for a job still waiting in the dead worker's own queue.
+# KEYS: job, unsent ledger. ARGV: dead worker, job id. Like _REQUEUE, for a job still waiting in the dead
+# worker's own queue.
 _REQUEUE_ROUTED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
 if redis.call('HGET', KEYS[1], 'routed_to') ~= ARGV[1] then return nil end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HDEL', KEYS[1], 'routed_to')
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[2] .. '#' .. attempt)
 return {redis.call('HGET', KEYS[1], 'payload'), attempt}
+"""
+
+# KEYS: unsent ledger. ARGV: job key prefix, age ms, most entries. The entries older than ``age``: one whose
+# job still waits as that attempt is handed out (payload and attempt) and its score moved to now, so that
+# other sweepers leave it alone for another ``age`` while this one sends it (and if this one dies too, the
+# next sweep after that sends it); one whose job ended, moved on to a later attempt or expired is dropped.
+_SWEEP_UNSENT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[2], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, member in ipairs(due) do
+  local at = string.find(member, '#[^#]*$')
+  local key = ARGV[1] .. string.sub(member, 1, at - 1)
+  local attempt = string.sub(member, at + 1)
+  local found = redis.call('HMGET', key, 'state', 'attempt', 'payload')
+  if found[1] == 'queued' and found[2] == attempt and found[3] then
+    redis.call('ZADD', KEYS[1], now, member)
+    table.insert(out, found[3])
+    table.insert(out, attempt)
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return out
+"""
+
+# KEYS: unsent ledger. ARGV: member. An entry for a job about to be sent for the first time (AsyncJobStore).
+_MARK_UNSENT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 """
 
 # KEYS: job, worker's assigned set. ARGV: worker, job id. Hands a job routed to this worker (which cannot
@@ -89,11 +135,14 @@ end
 return dropped
 """
 
-# KEYS: job. Cancels a job that has not finished yet.
+# KEYS: job. ARGV: retention ms. Cancels a job that has not finished yet. A running one is stopped by its
+# worker within a poll, long before the record expires.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' or state == 'running' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled')
+  local left = redis.call('PTTL', KEYS[1])
+  if left < 0 or left > tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
   return 1
 end
 return 0
@@ -129,17 +178,30 @@ class JobRecord(BaseModel):
         return cls.model_validate({k: v for k, v in raw.items() if k != "payload"}) if raw else None
 
 
-class JobStore:
-    """Worker side (synchronous)."""
+def _retention_ms(retention: float | None) -> int:
+    return int(1000 * (get_settings().job_retention if retention is None else retention))
 
-    def __init__(self, client: redis.Redis) -> None:
+
+def _jobs(found: list[bytes] | None) -> list[Job]:
+    """Jobs from a script's flat reply of (payload, attempt) pairs."""
+    pairs = found or []
+    return [j for p, a in zip(pairs[::2], pairs[1::2], strict=True) if (j := JobStore.next_attempt([p, a]))]
+
+
+class JobStore:
+    """Worker side (synchronous). ``retention``: seconds a record is kept once its job ended (default: the
+    ``job_retention`` setting)."""
+
+    def __init__(self, client: redis.Redis, retention: float | None = None) -> None:
         self._r = client
+        self._retention_ms = _retention_ms(retention)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
         self._requeue_routed = client.register_script(_REQUEUE_ROUTED)
         self._heal = client.register_script(_HEAL_ASSIGNED)
         self._unroute = client.register_script(_UNROUTE)
+        self._sweep = client.register_script(_SWEEP_UNSENT)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -148,7 +210,8 @@ class JobStore:
     def finish(self, job: Job, worker: str, state: JobState, **result: str | int) -> bool:
         pairs: list[Any] = [v for item in result.items() for v in item]
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
-        return bool(self._finish(keys=keys_, args=[job.attempt, worker, job.id, state.value, *pairs]))
+        args = [job.attempt, worker, job.id, state.value, self._retention_ms, *pairs]
+        return bool(self._finish(keys=keys_, args=args))
 
     def state(self, job_id: str) -> JobState | None:
         raw = self._r.hget(keys.job_key(job_id), "state")
@@ -188,20 +251,33 @@ class JobStore:
         self._r.zrem(keys.WORKERS_SEEN, worker)
 
     def requeue(self, job_id: str, dead_worker: str) -> Job | None:
-        """Hand a dead worker's running job back to the queue as its next attempt."""
-        return self._next_attempt(self._requeue(keys=[keys.job_key(job_id)], args=[dead_worker]))
+        """Hand a dead worker's running job back to the queue as its next attempt, listed as unsent until
+        ``sent`` (the caller sends it)."""
+        keys_ = [keys.job_key(job_id), keys.worker_jobs_key(dead_worker), keys.JOBS_UNSENT]
+        return self.next_attempt(self._requeue(keys=keys_, args=[dead_worker, job_id, 1]))
 
     def requeue_routed(self, job_id: str, dead_worker: str) -> Job | None:
-        """Take back a job that waits in a dead worker's own queue, as its next attempt."""
-        return self._next_attempt(self._requeue_routed(keys=[keys.job_key(job_id)], args=[dead_worker]))
+        """Take back a job that waits in a dead worker's own queue, as its next attempt, listed as unsent
+        until ``sent``."""
+        keys_ = [keys.job_key(job_id), keys.JOBS_UNSENT]
+        return self.next_attempt(self._requeue_routed(keys=keys_, args=[dead_worker, job_id]))
 
     def yield_slot(self, job: Job, worker: str) -> Job | None:
-        """Queue a running job again as its next attempt, freeing this worker's slot (preemption)."""
-        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker)]
-        return self._next_attempt(self._requeue(keys=keys_, args=[worker, job.id]))
+        """Queue a running job again as its next attempt, freeing this worker's slot (preemption). Not
+        listed as unsent: its sender (workers/tasks.py) does not report the send."""
+        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.JOBS_UNSENT]
+        return self.next_attempt(self._requeue(keys=keys_, args=[worker, job.id, 0]))
+
+    def sent(self, job: Job) -> None:
+        """This attempt's message is on the broker: the sweep has nothing to re-send for it."""
+        self._r.zrem(keys.JOBS_UNSENT, keys.unsent_member(job.id, job.attempt))
+
+    def unsent_due(self, age: float, limit: int = 100) -> list[Job]:
+        """Queued jobs listed as unsent for longer than ``age`` seconds, to send (then ``sent``) again."""
+        return _jobs(self._sweep(keys=[keys.JOBS_UNSENT], args=[keys.JOB_PREFIX, int(age * 1000), limit]))
 
     @staticmethod
-    def _next_attempt(found: list[bytes] | None) -> Job | None:
+    def next_attempt(found: list[bytes] | None) -> Job | None:
         if not found:
             return None
         payload, attempt = found
@@ -211,12 +287,16 @@ class JobStore:
 class AsyncJobStore:
     """API side (asyncio)."""
 
-    def __init__(self, client: aredis.Redis, ttl: float = 4200.0) -> None:
+    def __init__(self, client: aredis.Redis, ttl: float = 4200.0, retention: float | None = None) -> None:
         self._r = client
         self._ttl = ttl
+        self._retention_ms = _retention_ms(retention)
         self._cancel = client.register_script(_CANCEL)
+        self._sweep = client.register_script(_SWEEP_UNSENT)
 
-    async def create(self, job: Job, ttl: float | None = None) -> None:
+    async def create(self, job: Job, ttl: float | None = None, track_send: bool = False) -> None:
+        """Write the record of a new job. With ``track_send`` the job is also listed as unsent, in the same
+        transaction, until ``sent``: a process that dies before sending it leaves it to the sweep."""
         key = keys.job_key(job.id)
         mapping: dict[FieldT, EncodableT] = {
             "state": JobState.QUEUED.value,
@@ -228,7 +308,17 @@ class AsyncJobStore:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, int(ttl or self._ttl))
+            if track_send:
+                pipe.eval(_MARK_UNSENT, 1, keys.JOBS_UNSENT, keys.unsent_member(job.id, job.attempt))
             await pipe.execute()
+
+    async def sent(self, job: Job) -> None:
+        await self._r.zrem(keys.JOBS_UNSENT, keys.unsent_member(job.id, job.attempt))
+
+    async def unsent_due(self, age: float, limit: int = 100) -> list[Job]:
+        """As JobStore.unsent_due."""
+        found = await self._sweep(keys=[keys.JOBS_UNSENT], args=[keys.JOB_PREFIX, int(age * 1000), limit])
+        return _jobs(found)
 
     async def resume_point(self, job_id: str) -> tuple[int, bool]:
         """Where a job whose record may already exist stands: the attempt to use, and whether that attempt
@@ -246,4 +336,4 @@ class AsyncJobStore:
         return JobRecord.of({text(k): text(v) for k, v in raw.items()})
 
     async def cancel(self, job_id: str) -> bool:
-        return bool(await self._cancel(keys=[keys.job_key(job_id)]))
+        return bool(await self._cancel(keys=[keys.job_key(job_id)], args=[self._retention_ms]))

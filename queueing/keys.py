@@ -46,6 +46,11 @@ LOAD_LOCK_PREFIX = f"{PREFIX}:lock:load:"
 JOB_PREFIX = f"{PREFIX}:job:"
 STREAM_PREFIX = f"{PREFIX}:stream:"
 REAP_LOCK_PREFIX = f"{PREFIX}:lock:reap:"
+# Jobs made queued whose message may not have been sent yet (a sorted set; member "<job id>#<attempt>",
+# score the Redis time it was written, in ms). The step that queues a job writes its entry, the sender
+# removes it once the message is out, and a sweep by every live worker and API process re-sends the entries
+# left behind by a sender that died in between: no crash between two steps strands a job.
+JOBS_UNSENT = f"{PREFIX}:jobs:unsent"
 
 # Files API: one metadata hash per file (the bytes live in the file store) and an index by creation time.
 FILE_PREFIX = f"{PREFIX}:file:"
@@ -119,6 +124,11 @@ def stream_channel(request_id: str) -> str:
 
 def reap_lock_key(worker: str) -> str:
     return f"{REAP_LOCK_PREFIX}{worker}"
+
+
+def unsent_member(job_id: str, attempt: int) -> str:
+    """A job attempt's entry in JOBS_UNSENT (the attempt follows the last '#')."""
+    return f"{job_id}#{attempt}"
 
 
 def file_key(file_id: str) -> str:

@@ -1,9 +1,15 @@
-"""Recovering the jobs of workers that died without finishing them.
+"""Recovering the jobs of workers that died without finishing them, and of senders that died before sending.
 
 A worker killed mid-job leaves its message unacknowledged, and kombu's Redis transport would only redeliver
 it after the visibility timeout (hours). Instead, every live worker looks for names in the registry whose
 heartbeat expired and re-queues their running jobs as a new attempt; a late broker redelivery of the old
 attempt is then dropped at claim time.
+
+Making a job queued and sending its message are two steps. The first (one Lua script) also lists the job in
+the unsent ledger (``keys.JOBS_UNSENT``) and the sender takes it off once the message is out, so a process
+that dies in between leaves an entry behind: every live worker (each heartbeat) and every API process
+(api/requeue_sweep.py) sends such entries again. A message sent twice runs once: the claim of the second
+delivery finds the job running (or ended) and drops it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,17 @@ from collections.abc import Callable
 import redis
 
 from queueing import keys, registry
+from queueing.faults import fault
 from queueing.jobs import Job
 from queueing.jobstore import JobStore
 
 logger = logging.getLogger(__name__)
+
+# Seconds an unsent entry waits before a sweep sends it again. A healthy sender takes it off within
+# milliseconds (one LPUSH), so past this its sender is dead or stuck; short, so that a stranded job waits only
+# a few seconds more, well inside any request timeout. A send slower than this (Redis answering slowly) only
+# costs a duplicate message, which the claim drops.
+RESEND_AFTER_SECONDS = 3.0
 
 
 def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) -> list[str]:
@@ -30,7 +43,9 @@ def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) 
         job = take(job_id, name)
         if job is not None:
             logger.warning("worker %s died; re-queued job %s as attempt %d", name, job.id, job.attempt)
+            fault("requeue_before_send")
             enqueue(job)
+            store.sent(job)
             requeued.append(job.id)
     store.forget_worker(name)
     return requeued
@@ -50,3 +65,16 @@ def reap_dead_workers(
         requeued += requeue_jobs_of(store, name, enqueue)
         client.srem(keys.WORKERS_SET, name)
     return requeued
+
+
+def resend_unsent(
+    store: JobStore, enqueue: Callable[[Job], None], age: float = RESEND_AFTER_SECONDS
+) -> list[str]:
+    """Send again the queued jobs whose sender died before sending them; returns their ids."""
+    resent: list[str] = []
+    for job in store.unsent_due(age):
+        logger.warning("job %s attempt %d was queued but never sent; sending it", job.id, job.attempt)
+        enqueue(job)
+        store.sent(job)
+        resent.append(job.id)
+    return resent

@@ -1,5 +1,6 @@
-"""The heartbeat thread: keeps this worker in the registry, recovers the jobs of workers that died, heals
-this worker's in-flight bookkeeping and unloads models idle past their keep-alive."""
+"""The heartbeat thread: keeps this worker in the registry, recovers the jobs of workers that died (and sends
+again those a dead process queued but never sent), heals this worker's in-flight bookkeeping and unloads
+models idle past their keep-alive."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import redis
 from queueing import registry
 from queueing.jobs import Job
 from queueing.jobstore import JobStore
-from queueing.recovery import reap_dead_workers, requeue_jobs_of
+from queueing.recovery import reap_dead_workers, requeue_jobs_of, resend_unsent
 from queueing.registry import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         registry.announce(self._r, self._info(), self._ttl)
         reap_dead_workers(self._r, self._store, self._enqueue)
+        resend_unsent(self._store, self._enqueue)
         self._store.heal_assigned(self._name)
 
     def beat_soon(self) -> None:

@@ -23,10 +23,10 @@ def make_job() -> Job:
     )
 
 
-def create(url: str, job: Job) -> None:
+def create(url: str, job: Job, ttl: float = 60) -> None:
     async def go() -> None:
         client = aredis.Redis.from_url(url)
-        await AsyncJobStore(client, ttl=60).create(job)
+        await AsyncJobStore(client, ttl=ttl).create(job)
         await client.aclose()
 
     asyncio.run(go())
@@ -110,3 +110,53 @@ def test_a_worker_restarted_under_its_old_name_requeues_what_it_held(
     assert requeue_jobs_of(store, "local", sent.append) == [job.id]
     assert [j.attempt for j in sent] == [2]
     assert store.running_on("local") == []
+
+
+def test_an_ended_record_is_kept_only_for_the_retention(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """Done, failed and cancelled (by its worker, or by the API before or while it runs): each record's TTL
+    is cut to the retention in the step that ends it; a shorter TTL is never stretched."""
+    store = JobStore(redis_client, retention=5)
+    done, failed, stopped = make_job(), make_job(), make_job()
+    for j in (done, failed, stopped):
+        create(redis_server.url, j)  # TTL 60 s
+        assert store.claim(j, "w1")
+    assert store.finish(done, "w1", JobState.DONE, text="ok")
+    assert store.finish(failed, "w1", JobState.FAILED, error="boom")
+    assert store.finish(stopped, "w1", JobState.CANCELLED, text="", finish_reason="cancelled")
+    for j in (done, failed, stopped):
+        assert 0 < redis_client.pttl(keys.job_key(j.id)) <= 5000, j
+    queued, running = make_job(), make_job()
+    for j in (queued, running):
+        create(redis_server.url, j)
+    assert store.claim(running, "w1")
+
+    async def cancel(job_id: str) -> bool:
+        client = aredis.Redis.from_url(redis_server.url)
+        try:
+            return await AsyncJobStore(client, ttl=60, retention=5).cancel(job_id)
+        finally:
+            await client.aclose()
+
+    for j in (queued, running):
+        assert asyncio.run(cancel(j.id))
+        assert 0 < redis_client.pttl(keys.job_key(j.id)) <= 5000, j
+    short = make_job()
+    create(redis_server.url, short)
+    redis_client.pexpire(keys.job_key(short.id), 2000)
+    assert store.claim(short, "w1") and store.finish(short, "w1", JobState.DONE, text="ok")
+    assert 0 < redis_client.pttl(keys.job_key(short.id)) <= 2000
+
+
+def test_retention_defaults_to_the_setting(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    from queueing.settings import get_settings
+
+    job = make_job()
+    create(redis_server.url, job, ttl=3600)  # as the API creates one: the request timeout and an hour
+    store = JobStore(redis_client)
+    assert store.claim(job, "w1") and store.finish(job, "w1", JobState.DONE, text="ok")
+    retention_ms = get_settings().job_retention * 1000
+    # Long enough for a non-streamed request to read its result from the record after the end.
+    assert get_settings().job_retention >= 60
+    assert retention_ms - 5000 < redis_client.pttl(keys.job_key(job.id)) <= retention_ms

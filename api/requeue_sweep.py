@@ -1,0 +1,60 @@
+"""Every API process sends again the jobs a dead process made queued but never sent (the unsent ledger of
+queueing/recovery.py), so a stranded job is found even while no worker beats: it waits on its model's
+queue for the next worker instead of until its request times out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aredis
+from celery import Celery
+
+from queueing.celery_app import enqueue
+from queueing.jobstore import AsyncJobStore
+from queueing.recovery import RESEND_AFTER_SECONDS
+
+logger = logging.getLogger(__name__)
+
+
+class RequeueSweep:
+    def __init__(
+        self, client: aredis.Redis, celery: Celery, interval: float, age: float = RESEND_AFTER_SECONDS
+    ) -> None:
+        self._store = AsyncJobStore(client)
+        self._celery = celery
+        self._interval = interval
+        self._age = age
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="inferq-requeue-sweep")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def sweep(self) -> list[str]:
+        """One pass: the ids of the jobs sent again."""
+        resent: list[str] = []
+        for job in await self._store.unsent_due(self._age):
+            logger.warning("job %s attempt %d was queued but never sent; sending it", job.id, job.attempt)
+            # The dispatcher's send path (the model's shared queue); kombu's producer is synchronous, and a
+            # background pass can afford the hop to a thread.
+            await asyncio.to_thread(enqueue, self._celery, job)
+            await self._store.sent(job)
+            resent.append(job.id)
+        return resent
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                # Redis or the broker away: the entries stay listed and the next pass sends them.
+                logger.exception("re-queue sweep failed")
+            await asyncio.sleep(self._interval)
