@@ -26,6 +26,7 @@ from api.input_limits import InputLimitsMiddleware
 from api.input_limits import Limits as InputLimits
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.metrics import MetricsMiddleware
+from api.requeue_sweep import RequeueSweep
 from api.responses.background import BackgroundResponses
 from api.responses.service import Responses
 from api.responses.store import ResponseStore
@@ -106,9 +107,13 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         background = BackgroundResponses(app.state.dispatcher, stored, catalog, client)
         background.start()
         app.state.responses = Responses(app.state.dispatcher, stored, catalog, background)
+        # Sends again what a dead process queued but never sent (queueing/recovery.py).
+        sweep = RequeueSweep(client, celery, settings.heartbeat_interval)
+        sweep.start()
         try:
             yield
         finally:
+            await sweep.close()
             await background.close()
             await app.state.batches.stop()
             await hub.close()
