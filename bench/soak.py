@@ -7,11 +7,11 @@ then and Redis restarted empty once, and an account of every request.
 A private Redis, one API process and ``--workers`` worker processes (tests/fleet.py) serve ``smollm2-135m`` on
 llama.cpp (one thread each: 3 llama.cpp workers share the 2 cores, so generations are kept short with
 ``--max-tokens``) or, with ``--engine scripted``, a scripted model at a fixed speed (no embeddings there).
-``--concurrency`` client threads send requests back to back, each of a kind drawn at random: chat completions
-(openai SDK, and streamed as raw SSE), completions (SDK, and streamed as raw SSE), embeddings (SDK), Responses
-(SDK, plain and streamed) and Anthropic Messages (anthropic SDK, plain and streamed). Every request carries a
-unique marker (``soak-<run>-<n>``) in its prompt or input, which the worker side finds again in the job's
-record.
+``--concurrency`` client threads send requests back to back (pausing ``--backoff`` seconds after a failure,
+as a client would), each of a kind drawn at random: chat completions (openai SDK, and streamed as raw SSE),
+completions (SDK, and streamed as raw SSE), embeddings (SDK), Responses (SDK, plain and streamed) and
+Anthropic Messages (anthropic SDK, plain and streamed). Every request carries a unique marker
+(``soak-<run>-<n>``) in its prompt or input, which the worker side finds again in the job's record.
 
 Faults: every ``--kill-every`` seconds a random worker is killed with SIGKILL and started again a second
 later, as ``inferq up`` does (alternately under the same name, which recovers its previous life's jobs at
@@ -111,9 +111,10 @@ class JobSeen:
     """One job, from the worker side (its pub/sub events)."""
 
     marker: str = ""
-    started: list[tuple[int, str]] = field(default_factory=list)  # (attempt, worker)
-    finished: list[int] = field(default_factory=list)  # attempts
-    errors: list[str] = field(default_factory=list)
+    # Seconds since the start of the run, as the monitor received each event.
+    started: list[tuple[int, str, float]] = field(default_factory=list)  # (attempt, worker, at)
+    finished: list[tuple[int, float]] = field(default_factory=list)  # (attempt, at)
+    errors: list[tuple[str, float]] = field(default_factory=list)  # (code, at)
     restarted_after_finish: bool = False
 
 
@@ -275,8 +276,11 @@ def do_messages_stream(c: Clients, model: str, prompt: str, o: Outcome, max_toke
                     return
     except anthropic.APIStatusError as exc:
         # An error event in the stream arrives here too (the SDK raises it), as does a non-200 status.
-        failed = anthropic_error(exc)
-        raise Failed(f"stream error {failed}") if exc.status_code == 200 else failed from None
+        if exc.status_code != 200:
+            raise anthropic_error(exc) from None
+        body = exc.body if isinstance(exc.body, dict) else {}
+        error = body.get("error")
+        raise Failed(f"stream error {error.get('type') if isinstance(error, dict) else '?'}") from None
     raise Lost("stream cut: no message_stop and no error event")
 
 
@@ -297,9 +301,10 @@ KINDS: dict[str, Kind] = {
 class Monitor(threading.Thread):
     """Follows every job's events on Redis pub/sub (reconnecting through the Redis restart)."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, clock: Callable[[], float]) -> None:
         super().__init__(daemon=True)
         self.url = redis_url
+        self.clock = clock
         self.jobs: dict[str, JobSeen] = defaultdict(JobSeen)
         self.reconnects = 0
         self.done = threading.Event()
@@ -325,18 +330,19 @@ class Monitor(threading.Thread):
     def _seen(self, client: redis.Redis, channel: str, data: bytes) -> None:
         job_id = channel[len(keys.STREAM_PREFIX) :]
         event = json.loads(data)
+        at = round(self.clock(), 2)
         with self.lock:
             seen = self.jobs[job_id]
             if event["type"] == "started":
                 if seen.finished:
                     seen.restarted_after_finish = True
-                seen.started.append((event["attempt"], event["worker"]))
+                seen.started.append((event["attempt"], event["worker"], at))
                 need_marker = not seen.marker
             elif event["type"] == "finished":
-                seen.finished.append(event["attempt"])
+                seen.finished.append((event["attempt"], at))
                 need_marker = False
             elif event["type"] == "error":
-                seen.errors.append(str(event.get("code")))
+                seen.errors.append((str(event.get("code")), at))
                 need_marker = False
             else:
                 need_marker = False
@@ -478,6 +484,10 @@ class Soak:
                     f"stream error {getattr(exc, 'code', None) or type(exc).__name__}",
                 )
             o.ended = self.now()
+            if o.status != "completed":
+                # As a client would before trying again: a fast error (503 while Redis is away) must not
+                # turn the outage into thousands of requests.
+                self.stop.wait(self.args.backoff)
 
     def clients(self, base: str) -> Clients:
         timeout = self.args.request_timeout + 30.0
@@ -499,7 +509,7 @@ class Soak:
             catalog.write_text(SCRIPTED_CATALOG % catalog)
             env["INFERQ_MODELS_FILE"] = str(catalog)
         fleet = Fleet(box[0].url, self.tmp, **env)
-        monitor = Monitor(box[0].url)
+        monitor = Monitor(box[0].url, self.now)
         threads: list[threading.Thread] = []
         try:
             fleet.start_api()
@@ -624,7 +634,7 @@ class Soak:
         with monitor.lock:
             jobs = len(monitor.jobs)
             finishes = sum(len(s.finished) for s in monitor.jobs.values())
-            reruns = sum(len({att for att, _ in s.started}) > 1 for s in monitor.jobs.values())
+            reruns = sum(len({s[0] for s in seen.started}) > 1 for seen in monitor.jobs.values())
         logs = "".join(fleet.log(p.stem) for p in self.tmp.glob("w*.log"))
         out += [
             "",
@@ -690,6 +700,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=6, help="client threads (default 6)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per generation (default 16)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="INFERQ_REQUEST_TIMEOUT (default 60)")
+    p.add_argument(
+        "--backoff", type=float, default=0.5, help="a client's pause after a failure (default 0.5)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.redis_restart_at is None:
