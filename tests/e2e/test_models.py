@@ -128,12 +128,31 @@ def test_request_during_an_unload_is_served_after_a_fresh_load(fleet: Fleet) -> 
 
 
 def test_model_that_cannot_load_is_503_with_the_reason(fleet: Fleet) -> None:
+    weights = str(fleet.tmp / "models.yaml")  # the broken model's "weights" (see CATALOG)
     body = {"model": "broken", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     r = httpx.post(f"{fleet.base_url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 503
+    assert r.status_code == 503, r.text
     error = r.json()["error"]
-    assert error["code"] == "model_not_loaded" and "could not be loaded on demand" in error["message"]
-    assert card(fleet, "gemma3-270m")["status"] != "loading"
+    assert (error["code"], error["param"]) == ("model_not_loaded", "model")
+
+    # The reason is the broken model's own load failure, as the worker that tried to load it reported it:
+    # no other model has one, and it names the broken model's weights.
+    workers = httpx.get(f"{fleet.base_url}/v1/system/workers").json()["data"]
+    failures = {(w["name"], m): f["message"] for w in workers for m, f in w["load_errors"].items()}
+    assert [m for _, m in failures] == ["broken"], failures
+    ((tried, _), reason) = failures.popitem()
+    assert weights in reason, reason
+    assert error["message"] == (
+        f"The model `broken` is not loaded on any worker and could not be loaded on demand: {reason}"
+    )
+
+    # Its own state in the fleet: on no worker (neither loading, ready nor unloading), still loadable by
+    # both, nothing left waiting in its queue; /v1/models lists it as unloaded.
+    fleet_models = {m["id"]: m for m in httpx.get(f"{fleet.base_url}/v1/system/models").json()["data"]}
+    broken = fleet_models["broken"]
+    assert (broken["workers"], sorted(broken["capable"]), broken["queue_depth"]) == ([], ["wg", "ws"], 0)
+    assert (card(fleet, "broken")["status"], card(fleet, "broken")["workers"]) == ("unloaded", [])
+    assert tried in {"ws", "wg"}
 
 
 def test_management_errors_use_the_envelope(fleet: Fleet) -> None:
