@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import re
@@ -67,6 +68,7 @@ import anthropic
 import httpx
 import openai
 import redis
+from openai.types import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -82,7 +84,7 @@ SCRIPTED_CATALOG = (
 # Seconds around the Redis restart in which no worker is killed, and after a fault in which a failure is
 # counted as that fault's.
 QUIET = 10.0
-MARKER = re.compile(r"soak-[0-9a-f]{6}-\d+")
+MARKER = re.compile(r"soak-[0-9a-f]{6}-\d+(?:\.\d+)?")  # .k: line k of a batch
 PROMPTS = (
     "Say hello to a friend.",
     "Name a colour.",
@@ -90,6 +92,11 @@ PROMPTS = (
     "What is two plus two?",
     "Give a short tip for cooking rice.",
 )
+
+
+def request_of(marker: str) -> str:
+    """The request a marker belongs to: line k of a batch (``<batch marker>.k``) to its batch."""
+    return marker.split(".")[0] if marker else "?"
 
 
 @dataclass
@@ -390,6 +397,9 @@ class Soak:
         self.kinds = [k for k in KINDS if not (k == "embedding" and args.engine == "scripted")]
         self.generation: dict[str, int] = {}
         self.killed_by_us: set[int] = set()
+        # Duplicates a client can see (a batch's result file holding a line twice), by marker.
+        self.client_dups: dict[str, list[str]] = defaultdict(list)
+        self.drain_deadline = float("inf")
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -457,37 +467,113 @@ class Soak:
             self.stop.wait(0.2)
 
     # ---- the traffic
+    def new_outcome(self, kind: str) -> Outcome:
+        with self.lock:
+            self.counter += 1
+            o = Outcome(self.counter, kind, f"soak-{self.run_id}-{self.counter}", self.now())
+            self.outcomes.append(o)
+        return o
+
+    def settle(self, o: Outcome, call: Callable[[], None]) -> None:
+        """Runs one request and records how it ended."""
+        try:
+            call()
+            o.status = "completed"
+        except Failed as exc:
+            o.status, o.reason = "failed", str(exc)
+        except Lost as exc:
+            o.status, o.reason = "lost", str(exc)
+        except (openai.APITimeoutError, anthropic.APITimeoutError, httpx.TimeoutException):
+            o.status, o.reason = "lost", "no answer within the client timeout"
+        except (openai.APIConnectionError, anthropic.APIConnectionError, httpx.TransportError) as exc:
+            o.status, o.reason = "lost", f"connection closed without an answer ({type(exc).__name__})"
+        except (openai.APIError, anthropic.APIError) as exc:
+            # An error event in a stream that the SDK raised without a status.
+            o.status, o.reason = "failed", f"stream error {getattr(exc, 'code', None) or type(exc).__name__}"
+        o.ended = self.now()
+
     def client_loop(self, c: Clients, rng: random.Random) -> None:
         while not self.stop.is_set():
             kind = rng.choice(self.kinds)
-            with self.lock:
-                self.counter += 1
-                n = self.counter
-                o = Outcome(n, kind, f"soak-{self.run_id}-{n}", self.now())
-                self.outcomes.append(o)
+            o = self.new_outcome(kind)
             prompt = f"{rng.choice(PROMPTS)} (ref {o.marker})"
-            try:
-                KINDS[kind](c, self.model, prompt, o, self.args.max_tokens)
-                o.status = "completed"
-            except Failed as exc:
-                o.status, o.reason = "failed", str(exc)
-            except Lost as exc:
-                o.status, o.reason = "lost", str(exc)
-            except (openai.APITimeoutError, anthropic.APITimeoutError, httpx.TimeoutException):
-                o.status, o.reason = "lost", "no answer within the client timeout"
-            except (openai.APIConnectionError, anthropic.APIConnectionError, httpx.TransportError) as exc:
-                o.status, o.reason = "lost", f"connection closed without an answer ({type(exc).__name__})"
-            except (openai.APIError, anthropic.APIError) as exc:
-                # An error event in a stream that the SDK raised without a status.
-                o.status, o.reason = (
-                    "failed",
-                    f"stream error {getattr(exc, 'code', None) or type(exc).__name__}",
-                )
-            o.ended = self.now()
+            self.settle(o, functools.partial(KINDS[kind], c, self.model, prompt, o, self.args.max_tokens))
             if o.status != "completed":
                 # As a client would before trying again: a fast error (503 while Redis is away) must not
                 # turn the outage into thousands of requests.
                 self.stop.wait(self.args.backoff)
+
+    def batch_loop(self, c: Clients, rng: random.Random) -> None:
+        """A small batch every ``--batch-every`` seconds, followed until it ends (through the drain)."""
+        while not self.stop.wait(self.args.batch_every):
+            o = self.new_outcome("batch")
+            self.settle(o, functools.partial(self.batch, c, rng, o))
+            if o.status != "completed":
+                self.stop.wait(self.args.backoff)
+
+    def batch(self, c: Clients, rng: random.Random, o: Outcome) -> None:
+        """Completed: status ``completed`` with every line answered 200, each custom_id exactly once."""
+        ids = [f"line-{k}" for k in range(self.args.batch_lines)]
+        lines = [
+            {
+                "custom_id": cid,
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": self.model,
+                    "messages": [{"role": "user", "content": f"{rng.choice(PROMPTS)} (ref {o.marker}.{k})"}],
+                    "max_tokens": self.args.max_tokens,
+                },
+            }
+            for k, cid in enumerate(ids)
+        ]
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        try:
+            source = c.oa.files.create(file=("soak.jsonl", data, "application/jsonl"), purpose="batch")
+            batch = c.oa.batches.create(
+                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        except openai.APIStatusError as exc:
+            raise openai_error(exc) from None
+        o.worker = batch.id
+        self.check_results(c, self.wait_batch(c, batch), o, ids)
+
+    def wait_batch(self, c: Clients, batch: Batch) -> Batch:
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            if self.stop.is_set() and time.monotonic() > self.drain_deadline:
+                raise Lost(f"batch {batch.id} still {batch.status} at the end of the drain")
+            time.sleep(1.0)
+            try:
+                batch = c.oa.batches.retrieve(batch.id)
+            except openai.APIStatusError as exc:
+                if exc.status_code == 404:
+                    raise Failed("batch 404 (its record went with Redis)") from None
+                continue  # a 503 while Redis is away: ask again
+            except openai.APIConnectionError:
+                continue
+        return batch
+
+    def check_results(self, c: Clients, batch: Batch, o: Outcome, ids: list[str]) -> None:
+        if batch.status != "completed":
+            raise Failed(f"batch {batch.status}")
+        seen: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for file_id, ok in ((batch.output_file_id, True), (batch.error_file_id, False)):
+            if not file_id:
+                continue
+            for line in c.oa.files.content(file_id).text.splitlines():
+                result = json.loads(line)
+                seen[result["custom_id"]] += 1
+                if not ok:
+                    response = result.get("response") or {}
+                    code = (result.get("error") or {}).get("code") or response.get("status_code")
+                    failed[str(code)] += 1
+        if any(n > 1 for n in seen.values()):
+            self.client_dups[o.marker].append(f"batch {batch.id}: result lines {dict(seen)}")
+        if set(seen) != set(ids):
+            raise Lost(f"batch {batch.id}: lines without a result: {sorted(set(ids) - set(seen))}")
+        if failed:
+            raise Failed(f"batch lines failed: {', '.join(sorted(failed))}")
 
     def clients(self, base: str) -> Clients:
         timeout = self.args.request_timeout + 30.0
@@ -527,14 +613,19 @@ class Soak:
                 t.daemon = True  # a hung request must not keep the script from reporting it
                 t.start()
                 threads.append(t)
+            if a.batch_every > 0:
+                c = self.clients(fleet.base_url)
+                t = threading.Thread(target=self.batch_loop, args=(c, random.Random(a.seed - 1)), daemon=True)
+                t.start()
+                threads.append(t)
             faults = threading.Thread(target=self.faults, args=(fleet, box), daemon=True)
             faults.start()
             self.stop.wait(a.duration)
+            self.drain_deadline = time.monotonic() + a.request_timeout + 60.0
             self.stop.set()
             faults.join()
-            drain = time.monotonic() + a.request_timeout + 60.0
             for t in threads:
-                t.join(max(0.0, drain - time.monotonic()))
+                t.join(max(0.0, self.drain_deadline + 5.0 - time.monotonic()))
             stopped = self.now()
             for o in self.outcomes:
                 if o.status == "open":
@@ -566,20 +657,22 @@ class Soak:
             client.close()
 
     def duplicated(self, monitor: Monitor) -> dict[str, list[str]]:
-        """Markers of duplicated requests, each with the job ids (and why) behind it."""
-        dups: dict[str, list[str]] = defaultdict(list)
+        """Markers of duplicated requests (a batch's line k counts for its batch), each with the job ids
+        (and why) behind it."""
+        dups: dict[str, list[str]] = defaultdict(list, {m: list(w) for m, w in self.client_dups.items()})
         finished_jobs: dict[str, list[str]] = defaultdict(list)
         with monitor.lock:
             for job_id, seen in monitor.jobs.items():
+                request = request_of(seen.marker)
                 if len(seen.finished) > 1:
-                    dups[seen.marker or "?"].append(f"{job_id}: finished {len(seen.finished)}x")
+                    dups[request].append(f"{job_id} ({seen.marker}): finished {len(seen.finished)}x")
                 if seen.restarted_after_finish:
-                    dups[seen.marker or "?"].append(f"{job_id}: started again after it finished")
+                    dups[request].append(f"{job_id} ({seen.marker}): started again after it finished")
                 if seen.finished and seen.marker and seen.marker != "?":
                     finished_jobs[seen.marker].append(job_id)
         for marker, jobs in finished_jobs.items():
             if len(jobs) > 1:
-                dups[marker].append(f"{len(jobs)} jobs finished: {', '.join(jobs)}")
+                dups[request_of(marker)].append(f"{marker}: {len(jobs)} jobs finished: {', '.join(jobs)}")
         return dict(dups)
 
     def report(self, monitor: Monitor, stranded: list[str], stopped: float, fleet: Fleet) -> str:
@@ -615,7 +708,7 @@ class Soak:
                 f"| {dup} | {p50:.2f} | {p95:.2f} |"
             )
 
-        for kind in self.kinds:
+        for kind in [*self.kinds, *(["batch"] if a.batch_every > 0 else [])]:
             out.append(row(kind, [o for o in self.outcomes if o.kind == kind]))
         out.append(row("**total**", self.outcomes))
         reasons: dict[str, Counter[str]] = defaultdict(Counter)
@@ -651,7 +744,7 @@ class Soak:
         jobs_of: dict[str, list[str]] = defaultdict(list)
         with monitor.lock:
             for job_id, seen in monitor.jobs.items():
-                jobs_of[seen.marker].append(
+                jobs_of[request_of(seen.marker)].append(
                     f"{job_id} started {seen.started} finished {seen.finished} errors {seen.errors}"
                 )
 
@@ -703,6 +796,8 @@ def main() -> None:
     p.add_argument(
         "--backoff", type=float, default=0.5, help="a client's pause after a failure (default 0.5)"
     )
+    p.add_argument("--batch-every", type=float, default=60.0, help="seconds between batches (0: none)")
+    p.add_argument("--batch-lines", type=int, default=4, help="chat lines per batch (default 4)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.redis_restart_at is None:
