@@ -202,6 +202,7 @@ class JobStore:
         self._heal = client.register_script(_HEAL_ASSIGNED)
         self._unroute = client.register_script(_UNROUTE)
         self._sweep = client.register_script(_SWEEP_UNSENT)
+        self._mark_unsent = client.register_script(_MARK_UNSENT)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -263,10 +264,15 @@ class JobStore:
         return self.next_attempt(self._requeue_routed(keys=keys_, args=[dead_worker, job_id]))
 
     def yield_slot(self, job: Job, worker: str) -> Job | None:
-        """Queue a running job again as its next attempt, freeing this worker's slot (preemption). Not
-        listed as unsent: its sender (workers/tasks.py) does not report the send."""
+        """Queue a running job again as its next attempt, freeing this worker's slot (preemption), listed
+        as unsent until ``sent`` (workers/tasks.py sends it)."""
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.JOBS_UNSENT]
-        return self.next_attempt(self._requeue(keys=keys_, args=[worker, job.id, 0]))
+        return self.next_attempt(self._requeue(keys=keys_, args=[worker, job.id, 1]))
+
+    def mark_unsent(self, job: Job) -> None:
+        """List this attempt as unsent before a step that takes its message off the broker and sends it
+        again (a worker handing back a job it cannot serve): dying in between leaves it to the sweep."""
+        self._mark_unsent(keys=[keys.JOBS_UNSENT], args=[keys.unsent_member(job.id, job.attempt)])
 
     def sent(self, job: Job) -> None:
         """This attempt's message is on the broker: the sweep has nothing to re-send for it."""

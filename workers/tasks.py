@@ -21,15 +21,20 @@ def generate(job: dict[str, Any]) -> None:
     if parsed.model not in rt.serving():
         # The model was unloaded or stalled here since the job was routed (or this worker is still leaving
         # the model's queue): back to the shared queue, same attempt, rather than failing it. Only a job
-        # still waiting for this attempt goes back, so a stale delivery is dropped here as at claim.
+        # still waiting for this attempt goes back, so a stale delivery is dropped here as at claim. Listed
+        # as unsent first: a worker killed before the send would leave the job queued behind a message that
+        # the broker redelivers only after its visibility timeout (hours).
+        rt.store.mark_unsent(parsed)
         if rt.store.unroute(parsed, rt.name) or rt.store.is_waiting(parsed):
             logger.info("model %s not loaded here; job %s goes to the shared queue", parsed.model, parsed.id)
             enqueue(app, parsed)
+        rt.store.sent(parsed)
         return
     # Marks the model busy, so that neither the idle sweep nor an eviction unloads it under this job.
     with rt.models.using(parsed.model):
         again = rt.runner.run(parsed)
     if again is not None:
         # A batch line gave its slot to an interactive request: back to its model's shared queue, behind
-        # the interactive requests, as its next attempt.
+        # the interactive requests, as its next attempt (listed as unsent by yield_slot until now).
         enqueue(app, again)
+        rt.store.sent(again)

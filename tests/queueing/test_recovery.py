@@ -172,12 +172,27 @@ def test_requeue_of_a_job_routed_to_a_dead_worker_is_listed_too(
     assert list(ledger(redis_client)) == [keys.unsent_member(job.id, 2)]
 
 
-def test_a_yielded_batch_line_is_not_listed(redis_server: RedisServer, redis_client: redis.Redis) -> None:
-    # Its sender (workers/tasks.py) does not report its send, so a listed entry would always be re-sent.
+def test_a_yielded_line_is_listed_until_sent(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    # A worker killed between giving the slot up and sending the next attempt leaves it to the sweep.
     store, job = JobStore(redis_client), make_job()
     create(redis_server.url, job)
     assert store.claim(job, "w1")
-    assert store.yield_slot(job, "w1") is not None
+    again = store.yield_slot(job, "w1")
+    assert again is not None
+    assert list(ledger(redis_client)) == [f"{job.id}#{again.attempt}"]
+    store.sent(again)
+    assert ledger(redis_client) == {}
+
+
+def test_a_handed_back_job_is_listed_until_sent(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    # workers/tasks.py marks a job it cannot serve before taking its message off and sending it again.
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    store.mark_unsent(job)
+    assert list(ledger(redis_client)) == [f"{job.id}#{job.attempt}"]
+    age_entries(redis_client, 10)
+    assert [j.id for j in store.unsent_due(3.0)] == [job.id]  # still queued as that attempt: re-sent
+    store.sent(job)
     assert ledger(redis_client) == {}
 
 
