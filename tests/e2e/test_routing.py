@@ -12,8 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from ops.redis_server import RedisServer, free_port
+from queueing import keys
+from queueing._codec import text
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.e2e
@@ -101,15 +104,42 @@ def test_weighted_follows_the_weights(fleet: Fleet) -> None:
 
 def test_least_connections_fills_free_slots_first(fleet: Fleet) -> None:
     # Six long requests at once into six slots: a worker at its limit never gets one while another has
-    # room, so each worker gets exactly two.
+    # room, so each worker gets exactly two (and the slowest, r1, needs 5 s for one: none is free again
+    # before all six are placed).
     counts = served_by(fleet, "least_connections", 3 * LIMIT, max_tokens=100, parallel=3 * LIMIT)
-    assert sorted(counts.values()) == [LIMIT] * 3, counts
+    assert counts == {name: LIMIT for name in WORKERS}, counts
+
+
+def record(r: redis.Redis, job: str) -> dict[str, str]:
+    return {text(k): text(v) for k, v in r.hgetall(keys.job_key(job)).items()}
+
+
+def records(fleet: Fleet, responses: list[httpx.Response]) -> list[dict[str, str]]:
+    """The job record of each response (a chat completion's id is its job's id)."""
+    with redis.Redis.from_url(fleet.redis_url) as r:
+        return [record(r, resp.json()["id"]) for resp in responses]
 
 
 def test_least_connections_overflow_waits_on_the_shared_queue(fleet: Fleet) -> None:
-    counts = served_by(fleet, "least_connections", 4 * LIMIT, max_tokens=40, parallel=4 * LIMIT)
-    assert sum(counts.values()) == 4 * LIMIT
-    assert set(counts) == set(WORKERS)
+    # Eight requests of 80 tokens at once: six fill the six slots (two per worker) and the two beyond
+    # every limit wait on the model's shared queue, routed to nobody. The first worker with a free slot
+    # takes them: r4 (80 tokens/s) frees both of its slots after 1 s, r2 (40) after 2 s, r1 (20) after
+    # 4 s, so both go to r4 — exactly.
+    overflow = 2
+    n = 3 * LIMIT + overflow
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(lambda _: ask(fleet, "least_connections", 80), range(n)))
+    counts = Counter(r.headers["x-inferq-worker"] for r in responses)
+    fastest = max(WORKERS, key=lambda name: WORKERS[name][0])
+    expected = {name: LIMIT + (overflow if name == fastest else 0) for name in WORKERS}
+    assert counts == expected, counts
+    assert all(r.json()["usage"]["completion_tokens"] == 80 for r in responses)
+    # Routed ones ran where routing sent them; the overflow was routed to no worker and ran on r4.
+    routed = Counter(rec.get("routed_to", "") for rec in records(fleet, responses))
+    assert routed == {**{name: LIMIT for name in WORKERS}, "": overflow}, routed
+    for resp, rec in zip(responses, records(fleet, responses), strict=True):
+        assert rec["worker"] == resp.headers["x-inferq-worker"] == (rec.get("routed_to") or fastest)
+        assert (rec["state"], rec["attempt"]) == ("done", "1")
 
 
 def test_fastest_response_prefers_the_fast_worker(fleet: Fleet) -> None:
@@ -175,14 +205,37 @@ def test_two_api_processes_share_one_round_robin(fleet: Fleet) -> None:
     assert all(9 <= counts[name] <= 11 for name in WORKERS), counts
 
 
+def held_by(r: redis.Redis, worker: str) -> tuple[set[str], set[str]]:
+    """The jobs ``worker`` runs (claimed) and those waiting in its own queue for it, from the registry's
+    job sets."""
+    return (
+        {text(m) for m in r.smembers(keys.worker_jobs_key(worker))},
+        {text(m) for m in r.smembers(keys.worker_assigned_key(worker))},
+    )
+
+
 def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) -> None:
     server = RedisServer()
     fleet = start_fleet(server.url, tmp_path)
+    r = redis.Redis.from_url(server.url)
     try:
-        # Round-robin puts three of nine long jobs on r1: two running, one waiting in its own queue.
+        # Round-robin puts three of nine long jobs (3 s each on r1) on r1: two running, one waiting in its
+        # own queue.
         with ThreadPoolExecutor(9) as pool:
             futures = [pool.submit(ask, fleet, "round_robin", 60) for _ in range(9)]
-            time.sleep(1.0)
+            deadline = time.monotonic() + 15
+            running, waiting = held_by(r, "r1")
+            while (len(running), len(waiting)) != (LIMIT, 1):
+                assert time.monotonic() < deadline, f"r1 never held its three jobs: {running}, {waiting}"
+                time.sleep(0.02)
+                running, waiting = held_by(r, "r1")
+            # Before the kill: the records say so too (r1 runs two as attempt 1; one waits for it).
+            for job in running:
+                rec = record(r, job)
+                assert (rec["state"], rec["worker"], rec["attempt"]) == ("running", "r1", "1"), rec
+            for job in waiting:
+                rec = record(r, job)
+                assert (rec["state"], rec["routed_to"], rec["attempt"]) == ("queued", "r1", "1"), rec
             fleet.kill_worker("r1", signal.SIGKILL)
             killed_at = time.monotonic()
             gone = None
@@ -194,8 +247,18 @@ def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) ->
         # Two heartbeat intervals (0.5 s each in test fleets), plus the time one poll takes.
         assert gone is not None and gone <= 1.0 + 0.3, gone
         assert all(r.headers["x-inferq-worker"] != "r1" for r in responses)
+        # r1's three jobs are among the answered ones, each whole, done by its second attempt elsewhere.
+        by_id = {resp.json()["id"]: resp for resp in responses}
+        assert running | waiting <= set(by_id), (running, waiting, set(by_id))
+        for job in running | waiting:
+            rec = record(r, job)
+            served = by_id[job].headers["x-inferq-worker"]
+            assert (rec["state"], rec["attempt"], rec["worker"]) == ("done", "2", served), rec
+            assert served in {"r2", "r4"}
+            assert by_id[job].json()["usage"]["completion_tokens"] == 60
         after = served_by(fleet, "round_robin", 10, parallel=1)
         assert "r1" not in after and sum(after.values()) == 10
     finally:
+        r.close()
         fleet.close()
         server.stop()
