@@ -12,6 +12,9 @@ from pathlib import Path
 from engines.base import ContextLengthExceeded, GenerationRequest, Output, TokenLogprob, UnsupportedRequest
 
 WORDS = ("the quick brown fox jumps over the lazy dog by the sea " * 2).split()
+# Test-only: a file to which every generation this engine starts appends one line, its request id, so a test
+# can count how often a job reached the engine (a stale or duplicate delivery must never reach it).
+CALL_LOG_ENV = "INFERQ_SCRIPTED_CALL_LOG"
 
 
 class ScriptedEngine:
@@ -25,6 +28,7 @@ class ScriptedEngine:
         self._lock = threading.Lock()
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        _log_call(request.request_id)
         if request.json_schema is not None:
             raise UnsupportedRequest("The scripted engine cannot constrain its output.", "response_format")
         if request.prompt is not None:
@@ -58,3 +62,11 @@ class ScriptedEngine:
 
     def close(self) -> None:
         pass
+
+
+def _log_call(request_id: str) -> None:
+    path = os.environ.get(CALL_LOG_ENV)
+    if path:
+        # One short write to a file opened for appending: lines of concurrent generations never interleave.
+        with open(path, "a") as log:
+            log.write(request_id + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 import redis.asyncio as aredis
@@ -32,8 +32,11 @@ class ListEngine:
 
     def __init__(self, pieces: list[str], error: Exception | None = None) -> None:
         self.pieces, self.error = pieces, error
+        # The request id of every generation started, so a test can tell whether a job reached the engine.
+        self.calls: list[str] = []
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
+        self.calls.append(request.request_id)
         if self.error:
             raise self.error
         yield Output(prompt_tokens=3)
@@ -114,12 +117,43 @@ def test_engine_errors_become_failed_events(redis_server: RedisServer, redis_cli
     assert JobStore(redis_client).state(j.id) == JobState.FAILED
 
 
+def published_while(client: redis.Redis, job_id: str, action: Callable[[], object]) -> list[bytes]:
+    """What ``action`` published on the job's channel (subscribed, and confirmed, before it runs)."""
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(keys.stream_channel(job_id))
+    assert pubsub.get_message(timeout=5) is not None  # the subscribe confirmation
+    action()
+    got: list[bytes] = []
+    while (msg := pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)) is not None:
+        got.append(msg["data"])
+    pubsub.close()
+    return got
+
+
 def test_stale_delivery_is_skipped(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    """A duplicate of a finished or running job, and an attempt older than the record's, reach neither the
+    engine nor the job's channel, and leave the record and the worker's counts as they were."""
     j = job(stream=True)
     run_and_listen(redis_server.url, runner_with(redis_client, ListEngine(["a"])), j)
-    # The broker redelivers the same message: nothing runs or changes.
-    runner_with(redis_client, ListEngine(["zzz"])).run(j)
-    assert redis_client.hget(keys.job_key(j.id), "text") == b"a"
+    before = redis_client.hgetall(keys.job_key(j.id))
+    engine = ListEngine(["zzz"])
+    runner = runner_with(redis_client, engine)
+    # The broker redelivers the finished job's message.
+    assert published_while(redis_client, j.id, lambda: runner.run(j)) == []
+    # The job was re-queued as attempt 2 (its worker died) and runs on another worker; the old message of
+    # attempt 1 comes late, and so does a duplicate of attempt 2.
+    redis_client.hset(keys.job_key(j.id), mapping={"state": "running", "attempt": 2, "worker": "other"})
+    stale, duplicate = j.model_copy(update={"attempt": 1}), j.model_copy(update={"attempt": 2})
+    assert published_while(redis_client, j.id, lambda: runner.run(stale)) == []
+    assert published_while(redis_client, j.id, lambda: runner.run(duplicate)) == []
+    # And the same old message while attempt 2 still waits in the queue.
+    redis_client.hset(keys.job_key(j.id), mapping={"state": "queued"})
+    redis_client.hdel(keys.job_key(j.id), "worker")
+    assert published_while(redis_client, j.id, lambda: runner.run(stale)) == []
+    assert engine.calls == [], "a stale or duplicate delivery reached the engine"
+    assert redis_client.hget(keys.job_key(j.id), "text") == before[b"text"] == b"a"
+    stats = runner.stats.snapshot()
+    assert (stats.in_flight, stats.completed, stats.failed) == (0, 0, 0)
 
 
 class StopEngine(ListEngine):
