@@ -28,14 +28,27 @@ def main() -> None:
 @click.option("--host", default=None, help="Bind address (INFERQ_HOST).")
 @click.option("--port", type=int, default=None, help="API port (INFERQ_PORT).")
 @click.option("--flower/--no-flower", default=True, help="Also start Flower.")
-@click.option("--flower-port", type=int, default=5555, show_default=True)
-def up(host: str | None, port: int | None, flower: bool, flower_port: int) -> None:
-    """Redis (unless INFERQ_REDIS_URL is set), the API, one local worker and Flower."""
-    from ops.stack import run_stack
+@click.option(
+    "--flower-host",
+    default=None,
+    help="Flower's bind address (INFERQ_FLOWER_HOST); beyond loopback Flower asks for basic auth.",
+)
+@click.option("--flower-port", type=int, default=None, help="Flower's port (INFERQ_FLOWER_PORT).")
+def up(
+    host: str | None, port: int | None, flower: bool, flower_host: str | None, flower_port: int | None
+) -> None:
+    """Redis (unless INFERQ_REDIS_URL is set), the API, one local worker and Flower, all on loopback
+    unless told otherwise."""
+    from ops.stack import Flower, run_stack
 
     _logging()
     s = get_settings()
-    raise SystemExit(run_stack(s, port or s.port, host or s.host, flower, flower_port))
+    where = Flower(flower_host or s.flower_host, flower_port or s.flower_port) if flower else None
+    try:
+        code = run_stack(s, port or s.port, host or s.host, where)
+    except ValueError as exc:  # a setting that cannot work, found before anything started
+        raise click.ClickException(str(exc)) from exc
+    raise SystemExit(code)
 
 
 @main.command()

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 
 def find_redis_server() -> str | None:
@@ -40,18 +48,67 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
-    """A throwaway Redis: loopback only, nothing saved to disk, stopped with the owner."""
+# Where `inferq up` keeps the password of its private Redis, so a restart reuses it and a user can find it.
+PASSWORD_FILE = Path("~/.local/share/inferq/redis.password")
 
-    def __init__(self, port: int | None = None) -> None:
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@]*?):[^/@]*@")
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
+
+
+def stored_password(path: Path = PASSWORD_FILE) -> str:
+    """The password kept in ``path``; one is generated and written (mode 0600) the first time."""
+    path = path.expanduser()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".redis.password.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            # A link never replaces a file: of two `inferq up` starting at once, both read the winner's.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    if path.stat().st_mode & 0o077:
+        logger.warning("%s was readable by others: made private (0600); delete it for a new password", path)
+        path.chmod(0o600)
+    password = path.read_text().strip()
+    if not password:
+        raise ValueError(f"{path} is empty: delete it and `inferq up` generates a new password")
+    return password
+
+
+def _config_string(value: str) -> str:
+    # Every byte as \xHH inside double quotes: redis.conf's own quoting, whatever the password holds.
+    return '"' + "".join(f"\\x{b:02x}" for b in value.encode()) + '"'
+
+
+class RedisServer:
+    """A throwaway Redis: loopback only, nothing saved to disk, stopped with the owner; with ``password``,
+    every client must AUTH first."""
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = find_redis_server()
         if binary is None:
             raise FileNotFoundError("redis-server not found: `make install` installs one")
         self.port = port or free_port()
+        self.password = password
         self._dir = tempfile.TemporaryDirectory(prefix="inferq-redis-")
+        # The password goes in a config file in the private (0700) temp dir, never on the command line,
+        # which every local user can read in `ps`.
+        config = Path(self._dir.name) / "redis.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            if password is not None:
+                f.write(f"requirepass {_config_string(password)}\n")
         self._proc = subprocess.Popen(
             [
                 binary,
+                str(config),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -72,7 +129,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,18 +1,25 @@
 """`inferq up`: Redis (unless INFERQ_REDIS_URL is set), the API, one local worker and Flower, as child
-processes that stop together on Ctrl-C. A worker that dies is started again, as a supervisor would."""
+processes that stop together on Ctrl-C. A worker that dies is started again, as a supervisor would.
+
+Everything it starts listens on loopback unless told otherwise (the API on INFERQ_HOST, Flower on
+INFERQ_FLOWER_HOST, its Redis always; the worker listens on nothing). Its Redis needs a password, and Flower
+asks for basic auth whenever it listens beyond loopback. No secret is put on a command line (every local user
+can read those in `ps`) nor in a log line, but for a generated Flower login, printed once."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
-from ops.redis_server import RedisServer
+from ops.redis_server import PASSWORD_FILE, RedisServer, masked, stored_password
 from queueing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -28,36 +35,73 @@ class Child:
     name: str
     args: list[str]
     restart: bool
+    env: dict[str, str] = field(default_factory=dict)  # this child's own variables, secrets among them
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     quick_deaths: int = 0
 
     def start(self, env: dict[str, str]) -> None:
         logger.info("starting %s: %s", self.name, " ".join(self.args))
-        self.proc = subprocess.Popen(self.args, env=env)
+        self.proc = subprocess.Popen(self.args, env={**env, **self.env})
         self.started_at = time.monotonic()
 
     def died(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
 
-def _children(
-    settings: Settings, env: dict[str, str], port: int, host: str, flower_port: int | None
-) -> list[Child]:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name, which may resolve to anything
+
+
+def _http(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass
+class Flower:
+    host: str
+    port: int
+
+
+def flower_child(settings: Settings, env: dict[str, str], flower: Flower) -> tuple[Child, str]:
+    """Flower's child and the line that says where it is (and, when generated here, its login)."""
+    celery = os.path.join(os.path.dirname(sys.executable), "celery")
+    # Broker URL and login through the environment (Celery reads CELERY_BROKER_URL, Flower FLOWER_*).
+    own = {"CELERY_BROKER_URL": env["INFERQ_REDIS_URL"]}
+    where = f"flower: {_http(flower.host, flower.port)}"
+    login = settings.flower_basic_auth or None
+    if login is None and not is_loopback(flower.host):
+        # Beyond loopback, never an open Flower: its pages show every worker and task and can stop workers.
+        login = f"inferq:{secrets.token_urlsafe(16)}"
+        where += f" (basic auth {login}: generated, set INFERQ_FLOWER_BASIC_AUTH to choose one)"
+    elif login is not None:
+        where += " (basic auth: INFERQ_FLOWER_BASIC_AUTH)"
+    if login is not None:
+        own["FLOWER_BASIC_AUTH"] = login
+    args = [celery, "flower", f"--address={flower.host}", f"--port={flower.port}"]
+    return Child("flower", args, restart=False, env=own), where
+
+
+def _children(settings: Settings, port: int, host: str) -> list[Child]:
     cli = [sys.executable, "-m", "ops.cli"]
-    children = [
+    return [
         Child(
             "worker", [*cli, "worker", "--models", settings.worker_models, "--name", "local"], restart=True
         ),
         Child("api", [*cli, "api", "--host", host, "--port", str(port)], restart=False),
     ]
-    if flower_port is not None:
-        celery = os.path.join(os.path.dirname(sys.executable), "celery")
-        broker = env["INFERQ_REDIS_URL"]
-        children.append(
-            Child("flower", [celery, "--broker", broker, "flower", f"--port={flower_port}"], False)
-        )
-    return children
+
+
+def _private_redis(settings: Settings) -> RedisServer:
+    server = RedisServer(password=settings.redis_password or stored_password())
+    kept = "INFERQ_REDIS_PASSWORD" if settings.redis_password else str(PASSWORD_FILE)
+    logger.info("started redis-server at %s (password: %s)", masked(server.url), kept)
+    return server
 
 
 def _supervise(children: list[Child], env: dict[str, str]) -> bool:
@@ -79,17 +123,32 @@ def _supervise(children: list[Child], env: dict[str, str]) -> bool:
     return True
 
 
-def run_stack(settings: Settings, port: int, host: str, flower: bool, flower_port: int) -> int:
+def run_stack(settings: Settings, port: int, host: str, flower: Flower | None) -> int:
+    if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:
+        raise ValueError("INFERQ_FLOWER_BASIC_AUTH must be user:password")
+    if not is_loopback(host) and not (settings.api_keys or settings.admin_key):
+        logger.warning("the API listens on %s with no API keys (INFERQ_API_KEYS): open to anyone", host)
     env = dict(os.environ)
     server: RedisServer | None = None
-    if "INFERQ_REDIS_URL" not in os.environ:
-        server = RedisServer()
+    if "INFERQ_REDIS_URL" not in os.environ:  # a Redis of the user's own is left as it is
+        server = _private_redis(settings)
         env["INFERQ_REDIS_URL"] = server.url
-        logger.info("started redis-server at %s", server.url)
-    children = _children(settings, env, port, host, flower_port if flower else None)
-    for child in children:
-        child.start(env)
+    try:
+        children = _children(settings, port, host)
+        lines = []
+        if flower is not None:
+            child, line = flower_child(settings, env, flower)
+            children.append(child)
+            lines.append(line)
+        lines.append(f"inferq is up: {_http(host, port)}/v1 (Ctrl-C stops everything)")
+        return _run(children, env, lines)
+    finally:
+        if server is not None:
+            server.stop()
 
+
+def _run(children: list[Child], env: dict[str, str], lines: list[str]) -> int:
+    """Starts the children, keeps them running until a signal or a fatal exit, then stops them."""
     stopping = False
 
     def _stop(signum: int, _: FrameType | None) -> None:
@@ -98,9 +157,12 @@ def run_stack(settings: Settings, port: int, host: str, flower: bool, flower_por
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    logger.info("inferq is up: http://%s:%d/v1 (Ctrl-C stops everything)", host, port)
     code = 0
     try:
+        for child in children:
+            child.start(env)
+        for line in lines:
+            logger.info("%s", line)
         while not stopping:
             if not _supervise(children, env):
                 stopping, code = True, 1
@@ -114,6 +176,4 @@ def run_stack(settings: Settings, port: int, host: str, flower: bool, flower_por
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if server is not None:
-            server.stop()
     return code
