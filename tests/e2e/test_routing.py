@@ -110,6 +110,19 @@ def test_least_connections_fills_free_slots_first(fleet: Fleet) -> None:
     assert counts == {name: LIMIT for name in WORKERS}, counts
 
 
+def held_by(r: redis.Redis, worker: str) -> tuple[int, int]:
+    """How many jobs ``worker`` runs (claimed) and how many wait in its own queue for it."""
+    return int(r.scard(keys.worker_jobs_key(worker))), int(r.scard(keys.worker_assigned_key(worker)))
+
+
+def jobs_of(r: redis.Redis, worker: str) -> tuple[set[str], set[str]]:
+    """The ids of the jobs ``worker`` runs and of those waiting in its own queue, from its job sets."""
+    return (
+        {text(m) for m in r.smembers(keys.worker_jobs_key(worker))},
+        {text(m) for m in r.smembers(keys.worker_assigned_key(worker))},
+    )
+
+
 def record(r: redis.Redis, job: str) -> dict[str, str]:
     return {text(k): text(v) for k, v in r.hgetall(keys.job_key(job)).items()}
 
@@ -121,25 +134,31 @@ def records(fleet: Fleet, responses: list[httpx.Response]) -> list[dict[str, str
 
 
 def test_least_connections_overflow_waits_on_the_shared_queue(fleet: Fleet) -> None:
-    # Eight requests of 80 tokens at once: six fill the six slots (two per worker) and the two beyond
-    # every limit wait on the model's shared queue, routed to nobody. The first worker with a free slot
-    # takes them: r4 (80 tokens/s) frees both of its slots after 1 s, r2 (40) after 2 s, r1 (20) after
-    # 4 s, so both go to r4 — exactly.
-    overflow = 2
-    n = 3 * LIMIT + overflow
-    with ThreadPoolExecutor(n) as pool:
-        responses = list(pool.map(lambda _: ask(fleet, "least_connections", 80), range(n)))
-    counts = Counter(r.headers["x-inferq-worker"] for r in responses)
+    # Six requests of 120 tokens fill the six slots (two per worker); two more, sent once all six run, are
+    # beyond every limit: they wait on the model's shared queue, routed to nobody, and the first worker with
+    # a free slot takes them. r4 (80 tokens/s) frees both of its slots after 1.5 s, r2 (40) after 3 s, r1
+    # (20) after 6 s, so both go to r4 — exactly.
+    # (The two are sent after the six run because a worker whose routed job has not reached it yet may take
+    # a shared-queue job first: kombu's consumer rotates between its queues.)
+    tokens, overflow = 120, 2
+    with ThreadPoolExecutor(3 * LIMIT + overflow) as pool, redis.Redis.from_url(fleet.redis_url) as r:
+        first = [pool.submit(ask, fleet, "least_connections", tokens) for _ in range(3 * LIMIT)]
+        deadline = time.monotonic() + 10
+        while [held_by(r, name) for name in WORKERS] != [(LIMIT, 0)] * len(WORKERS):
+            assert time.monotonic() < deadline, [held_by(r, name) for name in WORKERS]
+            time.sleep(0.01)
+        late = [pool.submit(ask, fleet, "least_connections", tokens) for _ in range(overflow)]
+        responses = [f.result(timeout=60) for f in [*first, *late]]
+    counts = Counter(resp.headers["x-inferq-worker"] for resp in responses)
     fastest = max(WORKERS, key=lambda name: WORKERS[name][0])
     expected = {name: LIMIT + (overflow if name == fastest else 0) for name in WORKERS}
     assert counts == expected, counts
-    assert all(r.json()["usage"]["completion_tokens"] == 80 for r in responses)
-    # Routed ones ran where routing sent them; the overflow was routed to no worker and ran on r4.
-    routed = Counter(rec.get("routed_to", "") for rec in records(fleet, responses))
-    assert routed == {**{name: LIMIT for name in WORKERS}, "": overflow}, routed
-    for resp, rec in zip(responses, records(fleet, responses), strict=True):
-        assert rec["worker"] == resp.headers["x-inferq-worker"] == (rec.get("routed_to") or fastest)
-        assert (rec["state"], rec["attempt"]) == ("done", "1")
+    assert all(resp.json()["usage"]["completion_tokens"] == tokens for resp in responses)
+    # The six ran where routing sent them; the two were routed to no worker and ran on r4.
+    for i, (resp, rec) in enumerate(zip(responses, records(fleet, responses), strict=True)):
+        assert rec["worker"] == resp.headers["x-inferq-worker"], rec
+        assert rec.get("routed_to") == (rec["worker"] if i < 3 * LIMIT else None), rec
+        assert (rec["state"], rec["attempt"]) == ("done", "1"), rec
 
 
 def test_fastest_response_prefers_the_fast_worker(fleet: Fleet) -> None:
@@ -205,15 +224,6 @@ def test_two_api_processes_share_one_round_robin(fleet: Fleet) -> None:
     assert all(9 <= counts[name] <= 11 for name in WORKERS), counts
 
 
-def held_by(r: redis.Redis, worker: str) -> tuple[set[str], set[str]]:
-    """The jobs ``worker`` runs (claimed) and those waiting in its own queue for it, from the registry's
-    job sets."""
-    return (
-        {text(m) for m in r.smembers(keys.worker_jobs_key(worker))},
-        {text(m) for m in r.smembers(keys.worker_assigned_key(worker))},
-    )
-
-
 def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) -> None:
     server = RedisServer()
     fleet = start_fleet(server.url, tmp_path)
@@ -224,11 +234,11 @@ def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) ->
         with ThreadPoolExecutor(9) as pool:
             futures = [pool.submit(ask, fleet, "round_robin", 60) for _ in range(9)]
             deadline = time.monotonic() + 15
-            running, waiting = held_by(r, "r1")
+            running, waiting = jobs_of(r, "r1")
             while (len(running), len(waiting)) != (LIMIT, 1):
                 assert time.monotonic() < deadline, f"r1 never held its three jobs: {running}, {waiting}"
                 time.sleep(0.02)
-                running, waiting = held_by(r, "r1")
+                running, waiting = jobs_of(r, "r1")
             # Before the kill: the records say so too (r1 runs two as attempt 1; one waits for it).
             for job in running:
                 rec = record(r, job)
