@@ -7,11 +7,13 @@ then and Redis restarted empty once, and an account of every request.
 A private Redis, one API process and ``--workers`` worker processes (tests/fleet.py) serve ``smollm2-135m`` on
 llama.cpp (one thread each: 3 llama.cpp workers share the 2 cores, so generations are kept short with
 ``--max-tokens``) or, with ``--engine scripted``, a scripted model at a fixed speed (no embeddings there).
-``--concurrency`` client threads send requests back to back (pausing ``--backoff`` seconds after a failure,
-as a client would), each of a kind drawn at random: chat completions (openai SDK, and streamed as raw SSE),
-completions (SDK, and streamed as raw SSE), embeddings (SDK), Responses (SDK, plain and streamed) and
-Anthropic Messages (anthropic SDK, plain and streamed). Every request carries a unique marker
-(``soak-<run>-<n>``) in its prompt or input, which the worker side finds again in the job's record.
+``--concurrency`` client threads send requests one after another (pausing a random ``--think`` seconds on
+average between them, and ``--backoff`` seconds after a failure, as a client would), each of a kind drawn at
+random: chat completions (openai SDK, and streamed as raw SSE), completions (SDK, and streamed as raw SSE),
+embeddings (SDK), Responses (SDK, plain and streamed) and Anthropic Messages (anthropic SDK, plain and
+streamed); and every ``--batch-every`` seconds a batch of ``--batch-lines`` chat lines (Files and Batch API)
+is submitted and followed to its end. Every request carries a unique marker (``soak-<run>-<n>``; line k of a
+batch ``soak-<run>-<n>.k``) in its prompt or input, which the worker side finds again in the job's record.
 
 Faults: every ``--kill-every`` seconds a random worker is killed with SIGKILL and started again a second
 later, as ``inferq up`` does (alternately under the same name, which recovers its previous life's jobs at
@@ -23,15 +25,17 @@ failure can be told apart.
 What every request ends as (client side):
 - completed: a full answer. Plain: HTTP 200 with its body. Streamed: HTTP 200 and the protocol's last event
   ([DONE] after a chunk with a ``finish_reason`` on chat/completions, ``response.completed`` or
-  ``response.incomplete`` on Responses, ``message_stop`` on Messages).
+  ``response.incomplete`` on Responses, ``message_stop`` on Messages). A batch: it ended ``completed``, every
+  line answered 200 and each ``custom_id`` in exactly one result line (a line twice is a duplicate).
 - failed, by reason: an explicit error. A non-200 status with its error code (``503 redis_unavailable``
   while Redis is away is expected and reported, not a loss), or, once a stream had started, the protocol's
   error event with its code (``stream error worker_lost`` when the worker died after sending text); a
   stream error not followed by the protocol's sentinel is marked ``(no sentinel)``.
 - lost: the request was sent and never got a final answer or an error: a stream cut without its last event
   or an error event, a connection closed without an answer, or no answer at all within the client timeout
-  (``--request-timeout`` + 30 s, or still open ``--request-timeout`` + 60 s after the traffic stopped).
-  Must be 0.
+  (``--request-timeout`` + 30 s, or still open ``--request-timeout`` + 60 s after the traffic stopped); a
+  batch not ended by then, or ended without a result line for one of its lines. Must be 0. (A request
+  answered only at its deadline, 504 ``timeout``, is failed, not lost, and is listed one by one: it hung.)
 
 Worker side (duplicates): a monitor subscribes to every job's pub/sub channel (``inferq:stream:*``) and keeps,
 per job id, its ``started`` events (attempt, worker) and its ``finished`` events; on a job's first ``started``
@@ -453,7 +457,7 @@ class Soak:
             if not redis_done and t >= a.redis_restart_at:
                 self.restart_redis(box)
                 redis_done = True
-            elif a.kill_every > 0 and t >= next_kill:
+            elif a.kill_every > 0 and next_kill <= t < a.duration:
                 restart_at = a.redis_restart_at
                 quiet = not redis_done and restart_at - QUIET <= t <= restart_at + a.redis_down + QUIET
                 after = (
@@ -502,14 +506,21 @@ class Soak:
                 # As a client would before trying again: a fast error (503 while Redis is away) must not
                 # turn the outage into thousands of requests.
                 self.stop.wait(self.args.backoff)
+            elif self.args.think > 0:
+                # Gaps in the interactive load, in which batch lines get slots (and are preempted).
+                self.stop.wait(rng.expovariate(1.0 / self.args.think))
 
     def batch_loop(self, c: Clients, rng: random.Random) -> None:
-        """A small batch every ``--batch-every`` seconds, followed until it ends (through the drain)."""
+        """A small batch every ``--batch-every`` seconds, each followed until it ends (through the drain)."""
+        followers = []
         while not self.stop.wait(self.args.batch_every):
             o = self.new_outcome("batch")
-            self.settle(o, functools.partial(self.batch, c, rng, o))
-            if o.status != "completed":
-                self.stop.wait(self.args.backoff)
+            t = threading.Thread(target=self.settle, args=(o, functools.partial(self.batch, c, rng, o)))
+            t.daemon = True
+            t.start()
+            followers.append(t)
+        for t in followers:
+            t.join(max(0.0, self.drain_deadline - time.monotonic()))
 
     def batch(self, c: Clients, rng: random.Random, o: Outcome) -> None:
         """Completed: status ``completed`` with every line answered 200, each custom_id exactly once."""
@@ -793,6 +804,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=6, help="client threads (default 6)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per generation (default 16)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="INFERQ_REQUEST_TIMEOUT (default 60)")
+    p.add_argument("--think", type=float, default=1.0, help="mean pause between requests (default 1 s)")
     p.add_argument(
         "--backoff", type=float, default=0.5, help="a client's pause after a failure (default 0.5)"
     )
