@@ -95,7 +95,7 @@ def _ss_listeners(pids: set[int]) -> set[Listener]:
         host = host.strip("[]").split("%")[0]  # [::1]:80, 127.0.0.1%lo:80
         for pid in map(int, re.findall(r"pid=(\d+)", parts[5])):
             if pid in pids:
-                found.add(("0.0.0.0" if host == "*" else host, int(port), pid))
+                found.add(("::" if host == "*" else host, int(port), pid))  # *: IPv6 any, dual-stack
     return found
 
 
