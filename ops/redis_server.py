@@ -89,9 +89,12 @@ def _config_string(value: str) -> str:
 
 class RedisServer:
     """A throwaway Redis: loopback only, nothing saved to disk, stopped with the owner; with ``password``,
-    every client must AUTH first."""
+    every client must AUTH first. ``own_session``: out of the owner's process group, so a Ctrl-C in the
+    terminal reaches only the owner, which stops Redis after the processes that use it."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, own_session: bool = False
+    ) -> None:
         binary = find_redis_server()
         if binary is None:
             raise FileNotFoundError("redis-server not found: `make install` installs one")
@@ -124,6 +127,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=own_session,
         )
         self._wait_ready()
 

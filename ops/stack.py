@@ -98,7 +98,7 @@ def _children(settings: Settings, port: int, host: str) -> list[Child]:
 
 
 def _private_redis(settings: Settings) -> RedisServer:
-    server = RedisServer(password=settings.redis_password or stored_password())
+    server = RedisServer(password=settings.redis_password or stored_password(), own_session=True)
     kept = "INFERQ_REDIS_PASSWORD" if settings.redis_password else str(PASSWORD_FILE)
     logger.info("started redis-server at %s (password: %s)", masked(server.url), kept)
     return server

@@ -257,10 +257,16 @@ def test_up_serves_the_default_model_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
         proc.wait(timeout=60)
-    assert proc.returncode == 0, (tmp_path / "up.log").read_text()
+    log = (tmp_path / "up.log").read_text()
+    assert proc.returncode == 0, log
+    # Redis outlived the processes that use it (Ctrl-C reaches only `up`, which stops Redis last).
+    assert "connection to Redis lost" not in log and "could not deregister" not in log, log
     assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/v1/models")
+    redis_port = int(_log_match(tmp_path, r"redis://:[^@]*@127\.0\.0\.1:(\d+)/0").group(1))
+    with pytest.raises(ConnectionRefusedError):  # Redis, in a session of its own, stopped too
+        socket.create_connection(("127.0.0.1", redis_port), timeout=5).close()
 
 
 def test_up_leaves_a_configured_redis_as_it_is(tmp_path: Path) -> None:
