@@ -78,5 +78,9 @@ class Heartbeat(threading.Thread):
         self.join(timeout=self._interval * 2)
         try:
             registry.deregister(self._r, self._name)
-        except redis.RedisError as exc:
-            logger.warning("could not deregister %s: %s", self._name, exc)
+            # Deregistered, this worker is neither routed to (a pick needs a fresh heartbeat) nor reaped by
+            # the others (it is no longer known): the jobs routed to its own queue, and any it still held,
+            # go back to the shared queue now, or nobody would ever send them again.
+            requeue_jobs_of(self._store, self._name, self._enqueue)
+        except Exception as exc:  # a broker error too: the ledger leaves a failed send to the sweep
+            logger.warning("could not deregister %s cleanly: %s", self._name, exc)

@@ -172,6 +172,24 @@ def test_requeue_of_a_job_routed_to_a_dead_worker_is_listed_too(
     assert list(ledger(redis_client)) == [keys.unsent_member(job.id, 2)]
 
 
+def test_a_worker_that_stops_hands_back_the_jobs_routed_to_it(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # After a clean shutdown nobody reads the worker's own queue and no reaper knows its name.
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    redis_client.hset(keys.job_key(job.id), "routed_to", "leaving")
+    redis_client.sadd(keys.worker_assigned_key("leaving"), job.id)
+    sent: list[Job] = []
+    info = WorkerInfo(name="leaving", host="h", pid=1, engine="e", models=["m"], concurrency=1)
+    beat = Heartbeat(redis_client, "leaving", lambda: info, interval=1, ttl=5, enqueue=sent.append)
+    beat.start()
+    beat.stop()
+    assert [(j.id, j.attempt) for j in sent] == [(job.id, 2)]
+    assert store.assigned_to("leaving") == []
+    assert redis_client.hget(keys.job_key(job.id), "routed_to") is None
+
+
 def test_a_yielded_line_is_listed_until_sent(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     # A worker killed between giving the slot up and sending the next attempt leaves it to the sweep.
     store, job = JobStore(redis_client), make_job()
