@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +90,13 @@ def _config_string(value: str) -> str:
     return '"' + "".join(f"\\x{b:02x}" for b in value.encode()) + '"'
 
 
+def _die_with_owner() -> None:
+    """In the child before exec: SIGTERM when the owner dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG), so a
+    Redis outside its owner's process group is not left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class RedisServer:
     """A throwaway Redis: loopback only, nothing saved to disk, stopped with the owner; with ``password``,
     every client must AUTH first. ``own_session``: out of the owner's process group, so a Ctrl-C in the
@@ -128,6 +138,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=own_session,
+            preexec_fn=_die_with_owner if own_session and sys.platform == "linux" else None,
         )
         self._wait_ready()
 
