@@ -72,6 +72,10 @@ def enqueue(app: Celery, job: Job, worker: str | None = None) -> None:
         args=[job.model_dump(mode="json")],
         queue=queue,
         task_id=f"{job.id}.{job.attempt}",
+        # What Flower and task events show of the arguments: never the prompt, which anyone who can open
+        # Flower's pages would otherwise read.
+        argsrepr=f"[{job.kind} {job.model} {job.id} attempt {job.attempt}]",
+        kwargsrepr="{}",
         priority=keys.BATCH_PRIORITY if job.priority == "batch" else keys.INTERACTIVE_PRIORITY,
         retry=False,
     )

@@ -40,3 +40,19 @@ def test_batch_jobs_go_to_the_lowest_priority_list(
     # The job on the wire keeps its priority, so a re-queue after a worker died keeps it too.
     message = json.loads(redis_client.lindex(lowest, 0))  # type: ignore[arg-type]
     assert message["properties"]["priority"] == keys.BATCH_PRIORITY
+
+
+def test_the_message_headers_never_show_the_prompt(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # Flower and task events show argsrepr: anyone who can open Flower's pages would read prompts there.
+    app = create_celery(Settings(redis_url=redis_server.url), CATALOG)
+    sent = Job(model="m", messages=[ChatMessage(role="user", content="my secret prompt")])
+    try:
+        enqueue(app, sent)
+    finally:
+        app.close()
+    (raw,) = redis_client.lrange(keys.model_queue("m"), 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert "secret" not in json.dumps(headers)
+    assert sent.id in headers["argsrepr"] and headers["kwargsrepr"] == "{}"
