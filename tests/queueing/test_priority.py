@@ -47,12 +47,18 @@ def test_the_message_headers_never_show_the_prompt(
 ) -> None:
     # Flower and task events show argsrepr: anyone who can open Flower's pages would read prompts there.
     app = create_celery(Settings(redis_url=redis_server.url), CATALOG)
-    sent = Job(model="m", messages=[ChatMessage(role="user", content="my secret prompt")])
+    sent = [
+        Job(model="m", messages=[ChatMessage(role="user", content="my secret prompt")]),
+        Job(model="m", kind="completion", prompt="my secret prompt"),
+        Job(model="m", kind="embedding", inputs=["my secret prompt"]),
+    ]
     try:
-        enqueue(app, sent)
+        for job in sent:
+            enqueue(app, job)
     finally:
         app.close()
-    (raw,) = redis_client.lrange(keys.model_queue("m"), 0, -1)
-    headers = json.loads(raw)["headers"]
-    assert "secret" not in json.dumps(headers)
-    assert sent.id in headers["argsrepr"] and headers["kwargsrepr"] == "{}"
+    # LPUSH: the list holds the newest first.
+    for job, raw in zip(sent[::-1], redis_client.lrange(keys.model_queue("m"), 0, -1), strict=True):
+        headers = json.loads(raw)["headers"]
+        assert "secret" not in json.dumps(headers)
+        assert job.id in headers["argsrepr"] and headers["kwargsrepr"] == "{}"
