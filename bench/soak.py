@@ -46,7 +46,11 @@ for everyone (pub/sub), so the monitor cannot see a run that falls wholly into t
 counts of re-queued jobs and skipped stale deliveries are printed beside it, and so are the job records still
 queued or running after the traffic drained (a stranded job; should be 0).
 
-The exit status is 1 when anything was lost or duplicated.
+Text: the monitor also joins each attempt's ``delta`` events. A completed stream whose text is not exactly its
+job's last attempt's deltas (text sent twice, or a piece missing) is listed; streams in flight across the
+Redis restart are left out of that comparison (the monitor misses events while it reconnects).
+
+The exit status is 1 when anything was lost or duplicated, or a stream's text was not the worker's.
 """
 
 from __future__ import annotations
@@ -98,6 +102,14 @@ PROMPTS = (
 )
 
 
+def common_prefix(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def request_of(marker: str) -> str:
     """The request a marker belongs to: line k of a batch (``<batch marker>.k``) to its batch."""
     return marker.split(".")[0] if marker else "?"
@@ -115,6 +127,8 @@ class Outcome:
     status: str = "open"  # open | completed | failed | lost
     reason: str = ""
     worker: str = ""
+    # Streams: the text the client received, to compare with what the worker generated.
+    text: str | None = None
 
 
 @dataclass
@@ -127,6 +141,8 @@ class JobSeen:
     finished: list[tuple[int, float]] = field(default_factory=list)  # (attempt, at)
     errors: list[tuple[str, float]] = field(default_factory=list)  # (code, at)
     restarted_after_finish: bool = False
+    # The text of each attempt's delta events, joined.
+    text: dict[int, str] = field(default_factory=dict)
 
 
 class Failed(Exception):
@@ -165,6 +181,7 @@ def raw_stream(c: Clients, path: str, body: dict[str, object], o: Outcome) -> No
     """Chat completions or completions streamed, read as plain SSE: the sentinel is seen, not inferred."""
     error: str | None = None
     finish = False
+    o.text = ""
     deadline = time.monotonic() + c.timeout
     with c.raw.stream("POST", path, json=body) as r:
         o.worker = r.headers.get("x-inferq-worker", "")
@@ -190,8 +207,11 @@ def raw_stream(c: Clients, path: str, body: dict[str, object], o: Outcome) -> No
             chunk = json.loads(data)
             if "error" in chunk:
                 error = str(chunk["error"].get("code") or chunk["error"].get("type"))
-            elif any(ch.get("finish_reason") for ch in chunk.get("choices", [])):
-                finish = True
+                continue
+            for ch in chunk.get("choices", []):
+                piece = (ch.get("delta") or {}).get("content") if "delta" in ch else ch.get("text")
+                o.text = (o.text or "") + (piece or "")
+                finish = finish or bool(ch.get("finish_reason"))
     if error is not None:
         raise Failed(f"stream error {error} (no sentinel)")
     raise Lost("stream cut: no [DONE] and no error event")
@@ -250,8 +270,11 @@ def do_responses_stream(c: Clients, model: str, prompt: str, o: Outcome, max_tok
     try:
         stream = c.oa.responses.create(model=model, input=prompt, max_output_tokens=max_tokens, stream=True)
         with stream:
+            o.text = ""
             for event in stream:
-                if event.type == "error":
+                if event.type == "response.output_text.delta":
+                    o.text += event.delta
+                elif event.type == "error":
                     error = str(event.code)
                 elif event.type == "response.failed":
                     raise Failed(f"stream error {error or 'response.failed'}")
@@ -282,8 +305,11 @@ def do_messages_stream(c: Clients, model: str, prompt: str, o: Outcome, max_toke
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": prompt}], stream=True
         )
         with stream:
+            o.text = ""
             for event in stream:
-                if event.type == "message_stop":
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    o.text += event.delta.text
+                elif event.type == "message_stop":
                     return
     except anthropic.APIStatusError as exc:
         # An error event in the stream arrives here too (the SDK raises it), as does a non-200 status.
@@ -349,6 +375,10 @@ class Monitor(threading.Thread):
                     seen.restarted_after_finish = True
                 seen.started.append((event["attempt"], event["worker"], at))
                 need_marker = not seen.marker
+            elif event["type"] == "delta":
+                attempt = event["attempt"]
+                seen.text[attempt] = seen.text.get(attempt, "") + event["text"]
+                need_marker = False
             elif event["type"] == "finished":
                 seen.finished.append((event["attempt"], at))
                 need_marker = False
@@ -647,7 +677,7 @@ class Soak:
             monitor.join(5)
             sys.stdout.write(self.report(monitor, stranded, stopped, fleet) + "\n")
             lost = sum(o.status == "lost" for o in self.outcomes)
-            return 1 if lost or self.duplicated(monitor) else 0
+            return 1 if lost or self.duplicated(monitor) or self.text_mismatches(monitor) else 0
         finally:
             self.stop.set()
             monitor.done.set()
@@ -686,9 +716,33 @@ class Soak:
                 dups[request_of(marker)].append(f"{marker}: {len(jobs)} jobs finished: {', '.join(jobs)}")
         return dict(dups)
 
+    def text_mismatches(self, monitor: Monitor) -> list[str]:
+        """Completed streams whose text is not exactly what the worker generated (its last attempt's deltas):
+        text sent twice, or a piece missing. Streams in flight across the Redis restart are left out: the
+        monitor itself misses the events published while it reconnects."""
+        mismatches = []
+        with monitor.lock:
+            by_marker = {seen.marker: seen for seen in monitor.jobs.values() if seen.finished}
+            for o in self.outcomes:
+                seen = by_marker.get(o.marker)
+                if o.text is None or o.status != "completed" or seen is None or o.ended is None:
+                    continue
+                if self.timeline.during(o.sent, o.ended) == "redis":
+                    continue
+                generated = seen.text.get(seen.finished[-1][0], "")
+                if o.text != generated:
+                    at = common_prefix(o.text, generated)
+                    mismatches.append(
+                        f"  TEXT {o.marker} {o.kind}: client got {len(o.text)} chars, the worker generated "
+                        f"{len(generated)}; from char {at} the client got {o.text[at : at + 40]!r}, "
+                        f"the worker {generated[at : at + 40]!r}"
+                    )
+        return mismatches
+
     def report(self, monitor: Monitor, stranded: list[str], stopped: float, fleet: Fleet) -> str:
         a = self.args
         dups = self.duplicated(monitor)
+        texts = self.text_mismatches(monitor)
         by_marker = {o.marker: o for o in self.outcomes}
         tl = self.timeline
         out = [
@@ -748,6 +802,7 @@ class Soak:
             f"worker logs: {logs.count('re-queued job')} jobs re-queued, "
             f"{logs.count('skipping stale delivery')} stale deliveries skipped, "
             f"{logs.count('Traceback')} tracebacks",
+            f"completed streams whose text differs from what the worker generated: {len(texts)}",
             f"job records still queued/running after the drain: {len(stranded)}"
             + (f" ({', '.join(stranded[:10])})" if stranded else ""),
             f"logs and every request and job (soak.json): {self.tmp}",
@@ -770,13 +825,17 @@ class Soak:
         lost = [o for o in self.outcomes if o.status == "lost"]
         # An answer only at the request's deadline: not lost (the client was told), but it hung that long.
         hung = [o for o in self.outcomes if o.status == "failed" and "timeout" in o.reason]
-        if lost or dups or hung:
-            out += ["", "lost, duplicated, or answered only at the request deadline:"]
+        if lost or dups or hung or texts:
+            out += [
+                "",
+                "lost, duplicated, a stream's text not the worker's, or answered only at the deadline:",
+            ]
         out += [detail("LOST", o) for o in lost]
         for marker, why in dups.items():
             o2 = by_marker.get(marker)
             what = f"{o2.kind} sent {o2.sent:.1f} s" if o2 else "request unknown"
             out.append(f"  DUPLICATED {marker} ({what}): {'; '.join(why)}")
+        out += texts
         out += [detail("TIMED OUT", o) for o in hung]
         (self.tmp / "soak.json").write_text(
             json.dumps(
