@@ -434,6 +434,8 @@ class Soak:
         # Duplicates a client can see (a batch's result file holding a line twice), by marker.
         self.client_dups: dict[str, list[str]] = defaultdict(list)
         self.drain_deadline = float("inf")
+        # What the job records left at the end say, by request marker (filled by ``stranded``).
+        self.records: dict[str, list[str]] = defaultdict(list)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -685,14 +687,21 @@ class Soak:
             box[0].stop()
 
     def stranded(self, server: RedisServer) -> list[str]:
-        """Job records still queued or running after the traffic drained."""
-        client = redis.Redis.from_url(server.url)
+        """Job records still queued or running after the traffic drained; and, in ``self.records``, every
+        job record left (ended ones are kept ``INFERQ_JOB_RETENTION``) by the marker of its request."""
+        client = redis.Redis.from_url(server.url, decode_responses=True)
         try:
             found = []
             for key in client.scan_iter(f"{keys.JOB_PREFIX}*"):
-                state = client.hget(key, "state")
-                if state in (b"queued", b"running"):
-                    found.append(f"{key.decode()[len(keys.JOB_PREFIX) :]} ({state.decode()})")
+                raw = {str(k): str(v) for k, v in client.hgetall(key).items()}
+                job_id = key[len(keys.JOB_PREFIX) :]
+                state = raw.get("state", "?")
+                if state in ("queued", "running"):
+                    found.append(f"{job_id} ({state})")
+                marker = MARKER.search(raw.get("payload", ""))
+                fields = ("state", "attempt", "worker", "routed_to")
+                summary = " ".join(f"{f}={raw[f]}" for f in fields if f in raw)
+                self.records[request_of(marker.group(0)) if marker else "?"].append(f"{job_id} {summary}")
             return found
         finally:
             client.close()
@@ -819,7 +828,8 @@ class Soak:
             return (
                 f"  {label} {o.marker} {o.kind}: sent {o.sent:.1f} s, ended {ended:.1f} s "
                 f"({tl.during(o.sent, ended)}): {o.reason}; worker {o.worker or '?'}; "
-                f"jobs: {jobs_of.get(o.marker) or 'none seen'}"
+                f"jobs: {jobs_of.get(o.marker) or 'none seen'}; "
+                f"records: {self.records.get(o.marker) or 'none'}"
             )
 
         lost = [o for o in self.outcomes if o.status == "lost"]
@@ -843,6 +853,7 @@ class Soak:
                     "timeline": asdict(tl),
                     "outcomes": [asdict(o) for o in self.outcomes],
                     "jobs": {j: asdict(seen) for j, seen in monitor.jobs.items()},
+                    "records": self.records,
                 },
                 indent=1,
             )
