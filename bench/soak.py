@@ -7,6 +7,7 @@ then and Redis restarted empty once, and an account of every request.
 A private Redis, one API process and ``--workers`` worker processes (tests/fleet.py) serve ``smollm2-135m`` on
 llama.cpp (one thread each: 3 llama.cpp workers share the 2 cores, so generations are kept short with
 ``--max-tokens``) or, with ``--engine scripted``, a scripted model at a fixed speed (no embeddings there).
+Heartbeats are a real deployment's (``--heartbeat-ttl`` 4 s, every 1 s), not tests/fleet.py's quick 2 s.
 ``--concurrency`` client threads send requests one after another (pausing a random ``--think`` seconds on
 average between them, and ``--backoff`` seconds after a failure, as a client would), each of a kind drawn at
 random: chat completions (openai SDK, and streamed as raw SSE), completions (SDK, and streamed as raw SSE),
@@ -632,7 +633,12 @@ class Soak:
     def run(self) -> int:
         a = self.args
         box = [RedisServer()]
-        env = {"INFERQ_REQUEST_TIMEOUT": str(a.request_timeout)}
+        env = {
+            "INFERQ_REQUEST_TIMEOUT": str(a.request_timeout),
+            # The defaults of a real deployment (tests/fleet.py's are 0.5 s and 2 s, for quick tests).
+            "INFERQ_HEARTBEAT_INTERVAL": str(a.heartbeat_ttl / 4),
+            "INFERQ_HEARTBEAT_TTL": str(a.heartbeat_ttl),
+        }
         if a.engine == "scripted":
             catalog = self.tmp / "models.yaml"
             catalog.write_text(SCRIPTED_CATALOG % catalog)
@@ -880,6 +886,12 @@ def main() -> None:
     )
     p.add_argument("--batch-every", type=float, default=60.0, help="seconds between batches (0: none)")
     p.add_argument("--batch-lines", type=int, default=4, help="chat lines per batch (default 4)")
+    p.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=4.0,
+        help="INFERQ_HEARTBEAT_TTL (default 4 s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.redis_restart_at is None:
