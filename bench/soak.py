@@ -45,7 +45,8 @@ it reads the job record's payload for the request's marker. A request is duplica
 its marker finished (every request here is one job). Must be 0. Events published while Redis is away are lost
 for everyone (pub/sub), so the monitor cannot see a run that falls wholly into the outage; the worker logs'
 counts of re-queued jobs and skipped stale deliveries are printed beside it, and so are the job records still
-queued or running after the traffic drained (a stranded job; should be 0).
+queued or running after the traffic drained (a stranded job; should be 0). The details of every lost,
+duplicated or timed-out request name its jobs as the monitor saw them and the job records left at the end.
 
 Text: the monitor also joins each attempt's ``delta`` events. A completed stream whose text is not exactly its
 job's last attempt's deltas (text sent twice, or a piece missing) is listed; streams in flight across the
