@@ -192,6 +192,9 @@ class JobRun:
     _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
     _redis_away: bool = field(default=False, repr=False)
+    # The text's tail was replayed from the finished record: deltas still arriving over pub/sub (published
+    # before the record was read, delivered after) are that same text and must not be sent twice.
+    _replayed: bool = field(default=False, repr=False)
     # One event stream per run, shared by start() and rest(), so one deadline covers the whole request.
     _stream: AsyncGenerator[events.Event] | None = field(default=None, repr=False)
 
@@ -234,6 +237,8 @@ class JobRun:
             raw = await self.sub.get(min(self.limits.poll, remaining))
             event = events.decode(raw) if raw is not None else await self._look()
             if event is None or event.attempt < self.attempt:
+                continue
+            if self._replayed and raw is not None and isinstance(event, events.Delta):
                 continue
             if event.attempt > self.attempt:
                 # The job was re-queued after its worker died. Text already streamed cannot be taken back.
@@ -308,7 +313,8 @@ class JobRun:
         """The Finished event was lost (pub/sub is at-most-once): rebuild it from the job record."""
         text, sent = record.text, self.text_sent
         if self.job.stream and text.startswith(sent) and len(text) > len(sent):
-            # Emit the missing tail first; the next watchdog pass returns the Finished event.
+            # Emit the missing tail first; the next watchdog pass (or the Finished event itself) ends it.
+            self._replayed = True
             return events.Delta(attempt=record.attempt, text=text[len(sent) :])
         return events.Finished(
             attempt=record.attempt,
