@@ -57,8 +57,25 @@ redis-server: $(STAMP)
 run: install
 	$(BIN)/inferq up
 
+# The engines that install on this platform (ops/engines.mk): `make test` requires them, so an engine that
+# fails to install stops make, and one that does not import fails its tests (tests/_engines.py) instead of
+# turning them into skips. `make test INFERQ_REQUIRE_ENGINES=` (or a shorter list) opts out.
+ENGINES_HERE := llamacpp
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
+ENGINES_HERE += vllm mlx
+else ifeq ($(shell uname -s)-$(shell uname -m),Darwin-arm64)
+ENGINES_HERE += mlx
+endif
+ifeq ($(filter vllm,$(ENGINES_HERE)),)
+ifneq ($(shell nvidia-smi -L 2>/dev/null),)
+ENGINES_HERE += vllm
+endif
+endif
+comma := ,
+INFERQ_REQUIRE_ENGINES ?= $(subst $() ,$(comma),$(strip $(ENGINES_HERE)))
+
 test: install engines node-deps
-	$(BIN)/pytest
+	INFERQ_REQUIRE_ENGINES="$(INFERQ_REQUIRE_ENGINES)" $(BIN)/pytest
 
 # The Node clients of the conformance tests (the official openai package, the Vercel AI SDK), pinned by the
 # committed package-lock.json.

@@ -1,7 +1,8 @@
 """One conformance suite for every engine: the same requests, through the OpenAI SDK, the API, real Redis and
 a real Celery worker running the engine under its own interpreter (``.venv-vllm``, ``.venv-mlx``).
 
-llama.cpp always runs. vLLM and MLX run where ``make engines`` installed them, else they skip saying why.
+llama.cpp always runs. vLLM and MLX run from their venvs (``make engines``); one that is not there fails where
+``make test`` requires it (it installs on this platform) and skips otherwise, saying why (tests/_engines.py).
 Token counts stay small: MLX on a Linux CPU makes 5-13 tokens/s.
 """
 
@@ -21,13 +22,13 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from engines.platform import probe
 from ops.prepare import prepare
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing._codec import text
 from queueing.catalog import ROUTING_MODES, Catalog
-from tests.fleet import ROOT, Fleet
+from tests import _engines
+from tests.fleet import Fleet
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m"
@@ -58,28 +59,16 @@ class EngineSetup:
     concurrency: int = 1
 
 
-def _venv_python(engine: str) -> str:
-    python = ROOT / f".venv-{engine}" / "bin" / "python"
-    if not python.exists():
-        pytest.skip(
-            f"{engine} is not installed here: no {python} (`make engines` creates it where it installs)"
-        )
-    lib = probe(engine, str(python))
-    if not lib.imports:
-        pytest.skip(f"{engine} does not import under {python}: {lib.error}")
-    return str(python)
-
-
 def _setup(engine: str) -> EngineSetup:
     if engine == "llamacpp":
         return EngineSetup(engine, args=["--engine", "llamacpp"])
     if engine == "vllm":
         # Eight jobs at once on one engine: vLLM batches them.
         return EngineSetup(
-            engine, _venv_python(engine), ["--engine", "vllm", "--concurrency", "8"], concurrency=8
+            engine, _engines.venv_python(engine), ["--engine", "vllm", "--concurrency", "8"], concurrency=8
         )
     env = {"LD_PRELOAD": str(OPENBLAS)} if OPENBLAS.exists() else {}  # 13 instead of 5 tokens/s on Linux
-    return EngineSetup(engine, _venv_python(engine), ["--engine", "mlx"], env)
+    return EngineSetup(engine, _engines.venv_python(engine), ["--engine", "mlx"], env)
 
 
 @dataclass

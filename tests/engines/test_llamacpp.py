@@ -10,10 +10,11 @@ import jsonschema
 import pytest
 
 from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
+from tests import _engines
 from workers.runner import close_outputs
 
-llamacpp = pytest.importorskip("engines.llamacpp")
-Jinja2ChatFormatter = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
+llamacpp = _engines.import_engine("llamacpp", "engines.llamacpp")
+Jinja2ChatFormatter = _engines.import_engine("llamacpp", "llama_cpp.llama_chat_format").Jinja2ChatFormatter
 MSG = [{"role": "user", "content": "Count from one to twenty in words."}]
 
 

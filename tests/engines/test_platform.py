@@ -14,6 +14,7 @@ import pytest
 
 from engines import platform as plat
 from engines.platform import CudaDevice, Platform, choose_engine, pick
+from tests import _engines
 
 LINUX = Platform("Linux", "x86_64", apple_silicon=False)
 MAC = Platform("Darwin", "arm64", apple_silicon=True)
@@ -129,9 +130,7 @@ def test_probe_reports_a_library_that_is_there_but_breaks(
 
 @pytest.mark.skipif(not plat.cuda_devices(), reason="no CUDA device here")
 def test_a_cuda_machine_picks_vllm_under_the_vllm_venv() -> None:
-    python = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        pytest.skip("no .venv-vllm (make engines)")
+    python = _engines.venv_python("vllm")
     code = "from engines.platform import choose_engine; print(choose_engine(['llamacpp', 'vllm', 'mlx']))"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "vllm"

@@ -20,11 +20,12 @@ from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
 from queueing.settings import Settings
+from tests import _engines
 from workers.models import ModelManager
 from workers.runner import JobRunner
 from workers.runtime import worker_redis
 
-llamacpp = pytest.importorskip("engines.llamacpp")
+llamacpp = _engines.import_engine("llamacpp", "engines.llamacpp")
 
 
 @pytest.fixture(scope="module")
