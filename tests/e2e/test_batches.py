@@ -19,8 +19,10 @@ import pytest
 import redis
 from openai.types import Batch
 
+from api.batches.lines import job_ids
 from ops.redis_server import RedisServer
 from queueing import keys
+from queueing._codec import text
 from tests.fleet import ROOT, Fleet
 
 pytestmark = pytest.mark.e2e
@@ -102,6 +104,43 @@ def done(batch: Batch) -> int:
     return counts.completed + counts.failed if counts else 0
 
 
+def line_job(batch: Batch, index: int) -> str:
+    """The key of a chat line's job record (one job per line: n = 1), named as the driver names it."""
+    return keys.job_key(job_ids(CHAT, batch.id, index)(0))
+
+
+def line_records(rconn: redis.Redis, batch: Batch, n: int) -> list[dict[str, str]]:
+    """The job records of the batch's first ``n`` lines, read in one transaction."""
+    read = rconn.pipeline(transaction=True)
+    for i in range(n):
+        read.hgetall(line_job(batch, i))
+    return [{text(k): text(v) for k, v in raw.items()} for raw in read.execute()]
+
+
+def workers(fleet: Fleet) -> list[dict[str, Any]]:
+    """The fleet as GET /v1/system/workers shows it (each worker's last heartbeat)."""
+    listed: list[dict[str, Any]] = httpx.get(f"{fleet.base_url}/v1/system/workers", timeout=10).json()["data"]
+    return listed
+
+
+def settled_counts(fleet: Fleet, rconn: redis.Redis, timeout: float = 60.0) -> dict[str, tuple[int, int]]:
+    """Each live worker's (completed, failed) once the fleet is idle: two reads of /v1/system/workers more
+    than two heartbeats apart that both show no job in flight, nothing queued and the same counts (a
+    heartbeat carries the counts of the jobs finished before it)."""
+    queue = keys.queue_list_keys(keys.model_queue("smollm2-135m"))
+    deadline = time.monotonic() + timeout
+    last: dict[str, tuple[int, int]] | None = None
+    while time.monotonic() < deadline:
+        listed = workers(fleet)
+        idle = all(w["in_flight"] == 0 for w in listed) and not sum(rconn.llen(k) for k in queue)
+        counts = {w["name"]: (w["completed"], w["failed"]) for w in listed}
+        if idle and counts == last:
+            return counts
+        last = counts if idle else None
+        time.sleep(1.2)
+    raise TimeoutError(f"the fleet did not settle: {last}")
+
+
 def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI) -> None:
     batch = submit(client, [line(i) for i in range(200)])
     assert batch.status in ("validating", "in_progress") and batch.request_counts
@@ -125,7 +164,9 @@ def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI) -> None
     assert batch.id in [b.id for b in client.batches.list(limit=100)]
 
 
-def test_killed_workers_lose_no_line_and_duplicate_none(fleet: Fleet, client: openai.OpenAI) -> None:
+def test_killed_workers_lose_no_line_and_duplicate_none(
+    fleet: Fleet, client: openai.OpenAI, rconn: redis.Redis
+) -> None:
     kills = [(40, "b1", "b3"), (110, "b2", "b4")]
 
     def chaos(batch: Batch) -> None:
@@ -134,26 +175,47 @@ def test_killed_workers_lose_no_line_and_duplicate_none(fleet: Fleet, client: op
             fleet.kill_worker(victim)
             fleet.start_worker(spare, wait=False)
 
+    slots = {w["name"]: w["concurrency"] for w in workers(fleet)}
     batch = wait(client, submit(client, [line(i) for i in range(200)]), during=chaos)
     assert not kills, f"the batch ended before both kills: {batch.request_counts}"
     assert batch.status == "completed", batch
     assert batch.request_counts and (batch.request_counts.completed, batch.request_counts.failed) == (200, 0)
     ids = [r["custom_id"] for r in lines_of(client, batch.output_file_id)]
     assert len(ids) == 200 and len(set(ids)) == 200
+    # Only what a killed worker was running ran again (as the job's next attempt): one job per slot it had.
+    attempts = [int(r["attempt"]) for r in line_records(rconn, batch, 200)]
+    again = {i: a for i, a in enumerate(attempts) if a > 1}
+    assert sum(a - 1 for a in attempts) <= slots["b1"] + slots["b2"], f"lines run again: {again}"
 
 
-def test_api_killed_mid_batch_is_carried_on_by_the_next(fleet: Fleet, client: openai.OpenAI) -> None:
+def test_api_killed_mid_batch_is_carried_on_by_the_next(
+    fleet: Fleet, client: openai.OpenAI, rconn: redis.Redis
+) -> None:
+    """The API process that takes the batch over follows the jobs of the lines that were in flight instead
+    of running them again: no line runs twice."""
+    before = settled_counts(fleet, rconn)
     batch = submit(client, [line(i) for i in range(60)])
     while done(batch) < 10:
         time.sleep(0.2)
         batch = client.batches.retrieve(batch.id)
+    in_flight = [r for r in line_records(rconn, batch, 60) if r.get("state") in ("queued", "running")]
     fleet.kill_api()
+    # Lines whose jobs were queued or running when their API process died: what the takeover must follow.
+    assert in_flight, "no line was in flight when the API was killed; the takeover was not tested"
     fleet.start_api()
     with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=2) as again:
         batch = wait(again, again.batches.retrieve(batch.id))
         assert batch.status == "completed", batch
         ids = [r["custom_id"] for r in lines_of(again, batch.output_file_id)]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(60))
+    # Every line's job ran once: still its first attempt, and the workers ran exactly 60 jobs.
+    records = line_records(rconn, batch, 60)
+    assert [(r.get("state"), r.get("attempt")) for r in records] == [("done", "1")] * 60
+    after = settled_counts(fleet, rconn)
+    assert set(after) == set(before), "a worker came or went during the batch"
+    completed = sum(after[w][0] - before[w][0] for w in after)
+    failed = sum(after[w][1] - before[w][1] for w in after)
+    assert (completed, failed) == (60, 0), f"{len(in_flight)} lines were in flight at the kill"
 
 
 def test_malformed_file_is_refused_with_its_line_numbers(client: openai.OpenAI) -> None:
