@@ -3,7 +3,8 @@
 deterministically instead of racing a kill against them. Unset in production, where ``fault`` does nothing.
 
 Points: ``requeue_before_send`` (queueing/recovery.py: a dead worker's job was made queued as its next
-attempt, its message not sent yet).
+attempt, its message not sent yet); ``before_claim`` (workers/tasks.py: a worker took a job's message off
+the queue and has not claimed the job yet).
 """
 
 from __future__ import annotations

@@ -104,6 +104,33 @@ end
 return out
 """
 
+# KEYS: kombu's unacked index and hash, unsent ledger. ARGV: job key prefix, delivered before (seconds, the
+# consumers' clock), most entries. A message taken off the shared queue that long ago whose job still waits,
+# unclaimed and routed to nobody, as that very attempt, was taken by a worker that died before its claim (a
+# live one claims within milliseconds): the job is handed out as its next attempt, listed as unsent. The
+# task id in the message's headers is "<job id>.<attempt>" (queueing/celery_app.py).
+_RESCUE_UNCLAIMED = """
+local out = {}
+local tags = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, tag in ipairs(tags) do
+  local raw = redis.call('HGET', KEYS[2], tag)
+  local id, attempt = nil, nil
+  if raw then id, attempt = string.match(raw, '"id": "([^"]+)%.(%d+)"') end
+  if id then
+    local key = ARGV[1] .. id
+    local found = redis.call('HMGET', key, 'state', 'attempt', 'payload', 'routed_to')
+    if found[1] == 'queued' and found[2] == attempt and found[3] and not found[4] then
+      local next = redis.call('HINCRBY', key, 'attempt', 1)
+      local t = redis.call('TIME')
+      redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000), id .. '#' .. next)
+      table.insert(out, found[3])
+      table.insert(out, next)
+    end
+  end
+end
+return out
+"""
+
 # KEYS: unsent ledger. ARGV: member. An entry for a job about to be sent for the first time (AsyncJobStore).
 _MARK_UNSENT = """
 local t = redis.call('TIME')
@@ -203,6 +230,7 @@ class JobStore:
         self._unroute = client.register_script(_UNROUTE)
         self._sweep = client.register_script(_SWEEP_UNSENT)
         self._mark_unsent = client.register_script(_MARK_UNSENT)
+        self._rescue = client.register_script(_RESCUE_UNCLAIMED)
 
     def claim(self, job: Job, worker: str) -> bool:
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
@@ -268,6 +296,12 @@ class JobStore:
         as unsent until ``sent`` (workers/tasks.py sends it)."""
         keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.JOBS_UNSENT]
         return self.next_attempt(self._requeue(keys=keys_, args=[worker, job.id, 1]))
+
+    def rescue_unclaimed(self, delivered_before: float, limit: int = 1000) -> list[Job]:
+        """Jobs whose message a consumer took before ``delivered_before`` (epoch seconds) and never claimed,
+        each as its next attempt, listed as unsent until ``sent``."""
+        keys_ = [keys.KOMBU_UNACKED_INDEX, keys.KOMBU_UNACKED, keys.JOBS_UNSENT]
+        return _jobs(self._rescue(keys=keys_, args=[keys.JOB_PREFIX, delivered_before, limit]))
 
     def mark_unsent(self, job: Job) -> None:
         """List this attempt as unsent before a step that takes its message off the broker and sends it

@@ -52,6 +52,15 @@ REAP_LOCK_PREFIX = f"{PREFIX}:lock:reap:"
 # left behind by a sender that died in between: no crash between two steps strands a job.
 JOBS_UNSENT = f"{PREFIX}:jobs:unsent"
 
+# kombu's Redis transport (not ours, named here so every key inferq reads is in this file): a message a
+# consumer took off a queue waits in this hash, by delivery tag, until it is acknowledged, and the index
+# holds the time (the consumer's clock) it was taken. The reaper reads them for messages a worker took and
+# died with before claiming their job (queueing/recovery.py).
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+# Set (with a TTL) when a worker was reaped: while it exists every heartbeat looks for such messages.
+RESCUE_DUE = f"{PREFIX}:recovery:rescue-due"
+
 # Files API: one metadata hash per file (the bytes live in the file store) and an index by creation time.
 FILE_PREFIX = f"{PREFIX}:file:"
 FILES_INDEX = f"{PREFIX}:files"

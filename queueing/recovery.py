@@ -15,6 +15,7 @@ delivery finds the job running (or ended) and drops it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import redis
@@ -52,9 +53,15 @@ def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) 
 
 
 def reap_dead_workers(
-    client: redis.Redis, store: JobStore, enqueue: Callable[[Job], None], lock_seconds: float = 30.0
+    client: redis.Redis,
+    store: JobStore,
+    enqueue: Callable[[Job], None],
+    lock_seconds: float = 30.0,
+    rescue_window: float = 10.0,
 ) -> list[str]:
-    """Re-queue the running jobs of every dead worker; returns the ids of the jobs re-queued."""
+    """Re-queue the running jobs of every dead worker; returns the ids of the jobs re-queued. Then, for
+    ``rescue_window`` seconds after a worker was reaped, every call also rescues what a worker took off a
+    shared queue and died with before claiming it (rescue_unclaimed)."""
     requeued: list[str] = []
     for name in registry.known_workers(client):
         if registry.is_alive(client, name):
@@ -64,7 +71,29 @@ def reap_dead_workers(
             continue
         requeued += requeue_jobs_of(store, name, enqueue)
         client.srem(keys.WORKERS_SET, name)
+        client.set(keys.RESCUE_DUE, name, px=int(rescue_window * 1000))
+    if client.exists(keys.RESCUE_DUE):
+        requeued += rescue_unclaimed(store, enqueue)
     return requeued
+
+
+def rescue_unclaimed(
+    store: JobStore, enqueue: Callable[[Job], None], age: float = RESEND_AFTER_SECONDS
+) -> list[str]:
+    """A worker killed between taking a message off its model's shared queue and claiming the job holds it
+    in no job set: the message waits unacknowledged (kombu redelivers it only after the visibility timeout,
+    hours) and the job stays queued for ever. A live worker claims what it takes within milliseconds, so a
+    message taken ``age`` ago whose job is still unclaimed at that attempt is such a one. Not looked for on
+    every beat: it reads every running job's message; only for a while after a worker died."""
+    rescued: list[str] = []
+    for job in store.rescue_unclaimed(time.time() - age):
+        logger.warning(
+            "job %s was taken off its queue but never claimed; re-queued as attempt %d", job.id, job.attempt
+        )
+        enqueue(job)
+        store.sent(job)
+        rescued.append(job.id)
+    return rescued
 
 
 def resend_unsent(

@@ -49,7 +49,9 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         registry.announce(self._r, self._info(), self._ttl)
-        reap_dead_workers(self._r, self._store, self._enqueue)
+        # A message the dead worker took just before it died is old enough to rescue a few beats after the
+        # reap (recovery.rescue_unclaimed): the window lasts a few TTLs.
+        reap_dead_workers(self._r, self._store, self._enqueue, rescue_window=max(10.0, 3 * self._ttl))
         resend_unsent(self._store, self._enqueue)
         self._store.heal_assigned(self._name)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from queueing import keys
 from queueing.celery_app import enqueue
+from queueing.faults import fault
 from queueing.jobs import Job
 from workers.app import app
 from workers.runtime import get_runtime
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 def generate(job: dict[str, Any]) -> None:
     rt = get_runtime()
     parsed = Job.model_validate(job)
+    fault("before_claim")
     if parsed.model not in rt.serving():
         # The model was unloaded or stalled here since the job was routed (or this worker is still leaving
         # the model's queue): back to the shared queue, same attempt, rather than failing it. Only a job

@@ -1,6 +1,7 @@
-"""A re-queuer killed between the record update and the send strands no job (issue 12): worker A dies mid-job,
-worker B reaps it and is killed (fault hook) right after the Lua step that made the job queued again and
-before it sent the message; the API's sweep sends it, and worker C, started afterwards, runs it."""
+"""No crash between two steps strands a job (issue 12). A re-queuer killed between the record update and the
+send: worker A dies mid-job, worker B reaps it and is killed (fault hook) right after the Lua step that made
+the job queued again and before it sent the message; the API's sweep sends it, and worker C runs it. A worker
+killed between taking a message off the queue and claiming its job: the next worker's reaper rescues it."""
 
 from __future__ import annotations
 
@@ -133,4 +134,39 @@ def test_a_reaper_killed_before_its_send_strands_no_job(fleet: Fleet) -> None:
     with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=0, timeout=60) as c:
         again = c.chat.completions.create(**ASK)  # type: ignore[call-overload]
     assert done.choices[0].message.content == again.choices[0].message.content
+    r.close()
+
+
+def test_a_worker_killed_before_its_claim_strands_no_job(fleet: Fleet) -> None:
+    r = redis.Redis.from_url(fleet.redis_url)
+    fleet.start_api()
+    fleet.start_worker("a", env={"INFERQ_FAULT": "before_claim"})
+    taker = fleet.workers["a"]
+    with openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="x", max_retries=0, timeout=60) as c:
+        result: dict[str, object] = {}
+
+        def ask() -> None:
+            raw = c.chat.completions.with_raw_response.create(**{**ASK, "max_tokens": 8})  # type: ignore[call-overload]
+            result["worker"], result["completion"] = raw.headers["x-inferq-worker"], raw.parse()
+
+        asked = threading.Thread(target=ask)
+        asked.start()
+        assert taker.wait(timeout=30) == -9
+        assert "INFERQ_FAULT=before_claim: killing this process" in fleet.log("a")
+        fleet.workers.pop("a")
+        # Stranded as kombu leaves it: the message taken and unacknowledged, the job queued as attempt 1,
+        # held in no job set, so reaping A's sets finds nothing.
+        (job_id,) = {text(m).removeprefix(keys.JOB_PREFIX) for m in r.keys(keys.JOB_PREFIX + "*")}
+        assert r.hmget(keys.job_key(job_id), ["state", "attempt"]) == [b"queued", b"1"]
+        assert r.hlen(keys.KOMBU_UNACKED) == 1
+        assert sum(r.llen(n) for n in keys.queue_list_keys(keys.model_queue(MODEL))) == 0
+
+        fleet.start_worker("b")
+        asked.join(timeout=60)
+    assert not asked.is_alive(), "the request never completed"
+    done = result["completion"]
+    assert isinstance(done, openai.types.chat.ChatCompletion)
+    assert result["worker"] == "b" and done.id == job_id
+    assert r.hget(keys.job_key(job_id), "attempt") == b"2"
+    assert f"job {job_id} was taken off its queue but never claimed; re-queued as attempt 2" in fleet.log("b")
     r.close()

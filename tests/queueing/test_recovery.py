@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -275,3 +276,34 @@ def test_fault_point_kills_the_process_only_when_named(armed: bool) -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, timeout=60)
     assert done.returncode == (-9 if armed else 0)
     assert (b"survived" in done.stdout) is not armed
+
+
+def test_rescue_takes_only_old_unclaimed_deliveries_of_waiting_jobs(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    store = JobStore(redis_client)
+    old, young, routed, running, stale = (make_job() for _ in range(5))
+    for job in (old, young, routed, running, stale):
+        create(redis_server.url, job)
+    redis_client.hset(keys.job_key(routed.id), "routed_to", "w2")  # its worker's own sets cover it
+    assert store.claim(running, "w1")
+    redis_client.hset(keys.job_key(stale.id), "attempt", 2)  # already re-queued: the old message is stale
+    now = time.time()
+    # Entries as kombu's Redis transport writes them: [message, exchange, routing key], by delivery tag.
+    for tag, (job, at) in enumerate(
+        [(old, now - 10), (young, now), (routed, now - 10), (running, now - 10), (stale, now - 10)]
+    ):
+        message = {
+            "body": "",
+            "headers": {
+                "lang": "py",
+                "task": keys.GENERATE_TASK,
+                "id": f"{job.id}.1",
+                "root_id": f"{job.id}.1",
+            },
+        }
+        redis_client.hset(keys.KOMBU_UNACKED, str(tag), json.dumps([message, "x", "x"]))
+        redis_client.zadd(keys.KOMBU_UNACKED_INDEX, {str(tag): at})
+    assert [(j.id, j.attempt) for j in store.rescue_unclaimed(now - 3)] == [(old.id, 2)]
+    assert list(ledger(redis_client)) == [keys.unsent_member(old.id, 2)]
+    assert store.rescue_unclaimed(now - 3) == []  # handed out once: the old message is stale now
