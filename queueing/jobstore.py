@@ -34,9 +34,15 @@ return 1
 """
 
 # KEYS: job, worker's job set. ARGV: attempt, worker, job id, state, retention ms, then field/value pairs
-# of the result.
+# of the result. A record that is gone altogether (Redis restarted empty under the running job) is written
+# anew with the result, so the request still waiting for it reads it from there.
 _FINISH = """
 redis.call('SREM', KEYS[2], ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[4], 'attempt', ARGV[1], 'worker', ARGV[2], unpack(ARGV, 6))
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 1
+end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end

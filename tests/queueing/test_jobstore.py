@@ -10,7 +10,7 @@ import redis.asyncio as aredis
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
-from queueing.jobstore import AsyncJobStore, JobStore
+from queueing.jobstore import AsyncJobStore, JobRecord, JobStore
 from queueing.recovery import reap_dead_workers
 from queueing.registry import WorkerInfo, announce
 
@@ -160,3 +160,28 @@ def test_retention_defaults_to_the_setting(redis_server: RedisServer, redis_clie
     # Long enough for a non-streamed request to read its result from the record after the end.
     assert get_settings().job_retention >= 60
     assert retention_ms - 5000 < redis_client.pttl(keys.job_key(job.id)) <= retention_ms
+
+
+def test_a_result_whose_record_vanished_is_written_anew(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # Redis restarted empty under a running job: the request still waits and reads its result from here.
+    store, job = JobStore(redis_client, retention=30), make_job()
+    create(redis_server.url, job)
+    assert store.claim(job, "w1")
+    redis_client.flushdb()
+    assert store.finish(job, "w1", JobState.DONE, text="ok", completion_tokens=2)
+
+    async def read() -> JobRecord | None:
+        client = aredis.Redis.from_url(redis_server.url)
+        try:
+            return await AsyncJobStore(client).get(job.id)
+        finally:
+            await client.aclose()
+
+    record = asyncio.run(read())
+    assert record is not None and record.state == JobState.DONE
+    assert (record.text, record.completion_tokens, record.worker) == ("ok", 2, "w1")
+    assert 0 < redis_client.ttl(keys.job_key(job.id)) <= 30
+    # An attempt that moved on is still refused: the record exists, with another attempt.
+    assert not store.finish(job.model_copy(update={"attempt": 0}), "w1", JobState.DONE, text="late")
