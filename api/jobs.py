@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
 
 ROUTING_HEADER = "x-inferq-routing"
+# How long a job's record may stay gone (Redis restarted empty) before a job that no live worker runs is
+# submitted again: long enough for a worker that reconnects and finishes it to write the record back.
+RECORD_LOST_GRACE = 2.0
 # The routing mode a request asked for in its header; set by the app-wide dependency in api/app.py so that
 # every endpoint that enqueues honours it without each one reading the header.
 requested_routing: ContextVar[Routing | None] = ContextVar("requested_routing", default=None)
@@ -166,13 +169,21 @@ class Dispatcher:
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits
     ) -> None:
         strategy = options.routing or self.routing_for(job.model)
-        # The record outlives the longest wait for it by an hour, so a late worker still finds it.
-        await self.store.create(job, ttl=limits.request_timeout + 3600)
+        # The record outlives the longest wait for it by an hour, so a late worker still finds it. Listed as
+        # unsent in the same transaction until the message is out: an API process that dies in between
+        # leaves the job to the sweep of the others (queueing/recovery.py), not stranded.
+        await self.store.create(job, ttl=limits.request_timeout + 3600, track_send=True)
         target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job))
         # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
         # thread would (which also shows in time to first token on a busy machine). No target: the
         # model's shared queue, where every worker with the model pulls.
         enqueue(self.celery, job, worker=target)
+        await self.store.sent(job)
+
+    async def resubmit(self, job: Job, limits: Limits) -> None:
+        """Submit a job whose record Redis lost again, as the attempt given."""
+        workers = await self.candidates(job.model, limits)
+        await self._submit(job, workers, RunOptions(priority=job.priority), limits)
 
 
 def _expected_tokens(job: Job) -> int:
@@ -196,6 +207,7 @@ class JobRun:
     _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
     _redis_away: bool = field(default=False, repr=False)
+    _lost_since: float | None = field(default=None, repr=False)
     # The text's tail was replayed from the finished record: deltas still arriving over pub/sub (published
     # before the record was read, delivered after) are that same text and must not be sent twice.
     _replayed: bool = field(default=False, repr=False)
@@ -285,7 +297,9 @@ class JobRun:
             raise errors.client_closed()
         record = await d.store.get(self.job.id)
         if record is None:
+            await self._record_lost()
             return None
+        self._lost_since = None
         state, attempt = record.state, record.attempt
         if state == JobState.DONE:
             if self.worker is None:
@@ -308,6 +322,33 @@ class JobRun:
         elif state == JobState.QUEUED:
             await self._check_fleet()
         return None
+
+    async def _record_lost(self) -> None:
+        """The record is gone: Redis restarted empty, and the job's message went with it. A worker still
+        running the job writes the record anew when it finishes (queueing/jobstore.py), so a run whose
+        worker lives waits for that. A job that never reached a worker (or whose worker died) would wait for
+        ever: unless its text reached the client already, it is submitted again as its next attempt, once
+        the record has stayed away for a moment."""
+        d = self.dispatcher
+        if self.worker and await registry.is_alive_async(d.client, self.worker):
+            return  # it runs the job: its finish brings the record back
+        if self._sent:
+            # Text already streamed cannot be taken back, and its worker is gone.
+            raise errors.worker_lost(self.worker or "?")
+        now = asyncio.get_running_loop().time()
+        if self._lost_since is None:
+            self._lost_since = now
+            return
+        if now - self._lost_since < RECORD_LOST_GRACE:
+            return
+        self._lost_since = None
+        self.attempt += 1
+        logger.warning(
+            "job %s: its record is gone (Redis lost it); submitted again as attempt %d",
+            self.job.id,
+            self.attempt,
+        )
+        await d.resubmit(self.job.model_copy(update={"attempt": self.attempt}), self.limits)
 
     async def _check_fleet(self) -> None:
         loop = asyncio.get_running_loop()

@@ -180,3 +180,23 @@ def test_a_llamacpp_worker_restarted_on_mid_generation_serves_the_next_request(
     assert LLAMA in seen, "the llama.cpp worker serves nothing after Redis restarted (its engine is locked)"
     streamer.join(30)
     assert pids(fleet) == before
+
+
+def test_requests_in_flight_across_an_empty_restart_all_complete(
+    fleet: Fleet, redis_box: Restartable
+) -> None:
+    # Four run on the scripted workers' four slots and four wait in the queue when Redis restarts empty:
+    # the running ones' records are written anew by their workers' finish, the waiting ones (whose messages
+    # went with Redis) are submitted again by the API. None waits for its deadline.
+    for name in SCRIPTED:
+        fleet.wait_listed(name, timeout=10)
+    url = f"{fleet.base_url}/v1/chat/completions"
+    with ThreadPoolExecutor(8) as pool:
+        asked = [pool.submit(httpx.post, url, json=chat("scripted", 150), timeout=30) for _ in range(8)]
+        time.sleep(0.5)  # all eight submitted and four running
+        back = redis_box.restart_empty()
+        answers = [a.result() for a in asked]
+    took = time.monotonic() - back
+    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers if r.status_code != 200]
+    assert all(r.json()["usage"]["completion_tokens"] == 150 for r in answers)
+    assert took < 15, f"the last answer came {took:.1f} s after Redis was back"
