@@ -30,6 +30,9 @@ from api.serving import core
 from queueing.catalog import Catalog
 
 _POLL_MS = 500
+# A compaction's summary is short; bounded so that a model that rambles cannot write up to its context length
+# (on a CPU, past the request's timeout: schemathesis found one).
+COMPACT_SUMMARY_TOKENS = 512
 
 COMPACT_INSTRUCTIONS = (
     "Summarize the conversation so far for your own later use: keep every fact, decision, open question and "
@@ -197,6 +200,7 @@ class Responses:
             instructions="\n\n".join(x for x in (body.instructions, COMPACT_INSTRUCTIONS) if x),
             input=[],
             store=False,
+            max_output_tokens=COMPACT_SUMMARY_TOKENS,
         )
         spec = model_spec(self.catalog, body.model)
         prepared = responses.prepare(request, spec, None, context=context)
