@@ -76,7 +76,10 @@ class FleetControl:
                     "model_not_loadable",
                 )
         else:
-            found = self.choose_loader(workers, model)
+            # Every capable worker has it already: loading it again is a no-op there (a pin still applies),
+            # as Ollama and vLLM answer a load of a loaded model, not a 503.
+            holding = [w for w in workers if model in w.model_states]
+            found = self.choose_loader(workers, model) or min(holding, key=lambda w: w.name, default=None)
             if found is None:
                 raise errors.model_load_failed(model, "no live worker can load it")
             target = found
