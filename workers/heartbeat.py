@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -41,6 +42,8 @@ class Heartbeat(threading.Thread):
         self._store = JobStore(client)
         self._halt = threading.Event()
         self._wake = threading.Event()
+        self._announced: float | None = None  # monotonic time of the last beat that reached Redis
+        self._reap_after = 0.0
 
     def recover_previous_life(self) -> None:
         """A worker restarted under the same name (a supervisor, `inferq up`) looks alive to the reaper at
@@ -49,9 +52,17 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         registry.announce(self._r, self._info(), self._ttl)
-        # A message the dead worker took just before it died is old enough to rescue a few beats after the
-        # reap (recovery.rescue_unclaimed): the window lasts a few TTLs.
-        reap_dead_workers(self._r, self._store, self._enqueue, rescue_window=max(10.0, 3 * self._ttl))
+        now = time.monotonic()
+        if self._announced is not None and now - self._announced > self._ttl:
+            # This worker could not reach Redis for longer than a TTL (an outage, a freeze): neither could the
+            # others, and the live ones announce again within an interval. Reaping now would take their
+            # running jobs from them; wait one TTL first.
+            self._reap_after = now + self._ttl
+        self._announced = now
+        if now >= self._reap_after:
+            # A message the dead worker took just before it died is old enough to rescue a few beats after
+            # the reap (recovery.rescue_unclaimed): the window lasts a few TTLs.
+            reap_dead_workers(self._r, self._store, self._enqueue, rescue_window=max(10.0, 3 * self._ttl))
         resend_unsent(self._store, self._enqueue)
         self._store.heal_assigned(self._name)
 

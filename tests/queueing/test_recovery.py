@@ -307,3 +307,22 @@ def test_rescue_takes_only_old_unclaimed_deliveries_of_waiting_jobs(
     assert [(j.id, j.attempt) for j in store.rescue_unclaimed(now - 3)] == [(old.id, 2)]
     assert list(ledger(redis_client)) == [keys.unsent_member(old.id, 2)]
     assert store.rescue_unclaimed(now - 3) == []  # handed out once: the old message is stale now
+
+
+def test_a_worker_back_from_a_long_outage_waits_a_ttl_before_reaping(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # After Redis froze for longer than the TTL every worker looks dead until it announces again.
+    store, job = JobStore(redis_client), make_job()
+    create(redis_server.url, job)
+    assert store.claim(job, "other")
+    redis_client.sadd(keys.WORKERS_SET, "other")  # known, and without a live heartbeat
+    sent: list[Job] = []
+    info = WorkerInfo(name="back", host="h", pid=1, engine="e", models=["m"], concurrency=1)
+    beat = Heartbeat(redis_client, "back", lambda: info, interval=1, ttl=5, enqueue=sent.append)
+    beat._announced = time.monotonic() - 30  # its last beat that reached Redis, before the outage
+    beat.beat()
+    assert sent == [] and store.running_on("other") == [job.id]
+    beat._reap_after = 0.0  # a TTL later, "other" has still not announced: dead
+    beat.beat()
+    assert [(j.id, j.attempt) for j in sent] == [(job.id, 2)]
