@@ -172,7 +172,11 @@ def worker_redis(settings: Settings, slots: int) -> redis.Redis:
         # A pooled connection idle this long is checked before use: after a Redis restart every one of
         # them is dead, and a job's first command should not be the one that finds out.
         health_check_interval=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        # Retried: a connection a restart closed (the next one reconnects). Not retried: a timeout, which a
+        # frozen Redis gives every command (three tries made each publish of a generation wait 6 s).
+        retry=Retry(
+            ExponentialBackoff(cap=0.5, base=0.05), retries=2, supported_errors=(redis.ConnectionError,)
+        ),
     )
     return redis.Redis(connection_pool=pool)
 
