@@ -25,6 +25,7 @@ from api.filestore import LocalFileStore
 from api.input_limits import InputLimitsMiddleware
 from api.input_limits import Limits as InputLimits
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
+from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.requeue_sweep import RequeueSweep
 from api.responses.background import BackgroundResponses
@@ -110,9 +111,12 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         # Sends again what a dead process queued but never sent (queueing/recovery.py).
         sweep = RequeueSweep(client, celery, settings.heartbeat_interval)
         sweep.start()
+        memory = MemoryReturn()
+        memory.start()
         try:
             yield
         finally:
+            await memory.close()
             await sweep.close()
             await background.close()
             await app.state.batches.stop()
