@@ -37,7 +37,7 @@ def _malloc_trim() -> Callable[[], None]:
 
 
 class MemoryReturn:
-    """Every ``interval`` seconds a full collection; when it freed anything, ``malloc_trim`` after it."""
+    """Every ``interval`` seconds a full collection, then ``malloc_trim``."""
 
     def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
