@@ -47,17 +47,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("many-streams")
     catalog = tmp / "models.yaml"
     catalog.write_text(CATALOG % catalog)
-    # A deployment's heartbeats (the settings' defaults: every 1 s, dead after 4 s), not tests/fleet.py's
-    # 2 s for quick failover: a worker running 256 streams at once missed a 2 s TTL (its heartbeat thread
-    # starved of the GIL) and was taken for dead, its live jobs re-queued (259 of 1,000 streams ended
-    # worker_lost). That is the workers' liveness, not what this test measures.
+    # What this test measures is one API process holding 1,000 streams, not the workers' liveness nor the
+    # outage bound (tests/e2e/test_redis_outage.py). Here the API, Redis, four workers and the 1,000-stream
+    # client share 2 cores: a worker running 256 streams missed a 2 s heartbeat TTL (its heartbeat thread
+    # starved of the GIL; 259 of 1,000 streams ended worker_lost), and in a full `make test` run a 4 s one
+    # too (132), with 28 Redis reads over the API's 0.5 s timeout. So: a 10 s TTL, and a 2 s API timeout.
     f = Fleet(
         server.url,
         tmp,
         INFERQ_MODELS_FILE=str(catalog),
         INFERQ_REQUEST_TIMEOUT="120",
         INFERQ_HEARTBEAT_INTERVAL="1",
-        INFERQ_HEARTBEAT_TTL="4",
+        INFERQ_HEARTBEAT_TTL="10",
+        INFERQ_API_REDIS_TIMEOUT="2",
     )
     try:
         f.start_api()
@@ -208,8 +210,10 @@ def test_1000_concurrent_streams_on_one_api_process_all_complete(fleet: Fleet, l
     assert fleet.api is not None and fleet.api.poll() is None, "the API process died"
 
 
+# Not strict: the figure sits near the bound (+26% against +20%), and a run that happens to meet it must not
+# fail the suite; an XPASS in the summary says it is time to look again.
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="Not met yet: 60 s after a burst the API's RSS is 26% above its baseline (88.8 -> 112.3 MiB, peak "
     "185 MiB; bound 106.6). It was 75-105% (86 -> 151-177 MiB) before the API ran on the C allocator with a "
     "periodic gc.collect + malloc_trim (api/memory.py): the rest is heap pages held by the few objects left "
