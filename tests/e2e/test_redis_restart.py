@@ -112,7 +112,9 @@ def served_by_each(f: Fleet, model: str, names: set[str], deadline: float) -> di
     """Ask until every worker in ``names`` served a request (round-robin routing spreads them); returns
     when each first did, in seconds before ``deadline``."""
     seen: dict[str, float] = {}
-    while time.monotonic() < deadline and set(seen) < names:
+    # Until each named worker served; another worker may serve too (one that loaded the model on demand
+    # while the named ones were not back yet), which does not count.
+    while time.monotonic() < deadline and not names <= set(seen):
         try:
             r = httpx.post(
                 f"{f.base_url}/v1/chat/completions",
@@ -124,7 +126,7 @@ def served_by_each(f: Fleet, model: str, names: set[str], deadline: float) -> di
                 seen.setdefault(r.headers["x-inferq-worker"], time.monotonic())
         except httpx.HTTPError:
             pass
-        if set(seen) < names:
+        if not names <= set(seen):
             time.sleep(0.05)
     return seen
 
@@ -148,7 +150,7 @@ def test_every_worker_serves_within_5s_of_redis_restarting_empty_under_load(
             back = redis_box.restart_empty(down=13.0)
             seen = served_by_each(fleet, "scripted", set(SCRIPTED), back + 5.0)
             after = {name: round(t - back, 2) for name, t in seen.items()}
-            assert set(seen) == set(SCRIPTED), f"served within 5 s of Redis coming back: {after}"
+            assert set(SCRIPTED) <= set(seen), f"served within 5 s of Redis coming back: {after}"
         finally:
             stop.set()
     assert pids(fleet) == before
