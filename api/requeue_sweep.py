@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 
+import redis
 import redis.asyncio as aredis
 from celery import Celery
 
@@ -54,7 +55,10 @@ class RequeueSweep:
         while True:
             try:
                 await self.sweep()
+            except redis.RedisError as exc:
+                # Redis or the broker away: the entries stay listed and the next pass sends them. One line,
+                # not a traceback a second, for as long as the outage lasts.
+                logger.warning("re-queue sweep skipped: %r", exc)
             except Exception:
-                # Redis or the broker away: the entries stay listed and the next pass sends them.
                 logger.exception("re-queue sweep failed")
             await asyncio.sleep(self._interval)
