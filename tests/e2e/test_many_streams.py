@@ -21,17 +21,10 @@ import httpx
 import pytest
 
 from ops.redis_server import RedisServer
-from tests.fleet import Fleet, rss_bytes
+from tests.fleet import Fleet, rss_bytes, write_catalog
 
 pytestmark = pytest.mark.e2e
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-"""
 STREAMS = 1000
 TOKENS = 80
 WORKERS = 4
@@ -46,7 +39,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     server = RedisServer()
     tmp = tmp_path_factory.mktemp("many-streams")
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog)
     # What this test measures is one API process holding 1,000 streams, not the workers' liveness nor the
     # outage bound (tests/e2e/test_redis_outage.py). Here the API, Redis, four workers and the 1,000-stream
     # client share 2 cores: a worker running 256 streams missed a 2 s heartbeat TTL (its heartbeat thread

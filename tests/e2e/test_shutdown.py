@@ -22,17 +22,10 @@ import redis
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing._codec import text
-from tests.fleet import Fleet
+from tests.fleet import Fleet, write_catalog
 
 pytestmark = pytest.mark.e2e
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-"""
 SPEED = 20  # tokens per second
 TOKENS = 60  # 3 s of generation
 WORKERS = ("s1", "s2")
@@ -42,7 +35,7 @@ WORKERS = ("s1", "s2")
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     # Its own fleet: one of its workers is stopped.
     catalog = tmp_path / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog)
     server = RedisServer()
     f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog))
     try:

@@ -24,15 +24,8 @@ from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
 from queueing.registry import WorkerInfo
 from queueing.settings import Settings
-from tests.fleet import Fleet
+from tests.fleet import Fleet, write_catalog
 
-CATALOG = """
-models:
-  scripted:
-    context_length: 4096
-    sources:
-      scripted: {path: %s}
-"""
 WORKER = "stale-w1"
 # 40 tokens at 40 tokens/s: a job runs for about a second, long enough to deliver a duplicate while it runs.
 TOKENS = 40
@@ -77,7 +70,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     server = RedisServer()
     tmp = tmp_path_factory.mktemp("stale")
     catalog = tmp / "models.yaml"
-    catalog.write_text(CATALOG % catalog)
+    write_catalog(catalog)
     calls = tmp / "engine-calls.log"
     fleet = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog))
     client = redis.Redis.from_url(server.url)
