@@ -27,6 +27,7 @@ from api.input_limits import Limits as InputLimits
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
+from api.redis_pool import ShrinkingPool
 from api.requeue_sweep import RequeueSweep
 from api.responses.background import BackgroundResponses
 from api.responses.service import Responses
@@ -58,14 +59,15 @@ async def _routing_header(connection: HTTPConnection) -> None:
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
 
 
-def api_redis(settings: Settings) -> aredis.Redis:
+def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
     """The API's Redis client. Short timeouts and no retry on a timeout: while Redis is down or frozen a
     request answers 503 within about ``api_redis_timeout`` (redis-py's default retries would stretch that to
     ~5 s). One quick retry on a connection error, which is what a pooled connection that a Redis restart
     closed raises: the next connection reconnects. A blocking pool: under a burst a request waits for a
-    connection (bounded) instead of failing with "Too many connections"."""
+    connection (bounded) instead of failing with "Too many connections"; afterwards it closes what the burst
+    opened (api/redis_pool.py)."""
     timeout = settings.api_redis_timeout
-    pool = aredis.BlockingConnectionPool.from_url(
+    pool = ShrinkingPool.from_url(
         settings.redis_url,
         max_connections=settings.api_redis_max_connections,
         timeout=settings.api_redis_pool_timeout,
@@ -77,7 +79,7 @@ def api_redis(settings: Settings) -> aredis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(redis.ConnectionError,)),
     )
     # from_pool: the client owns the pool, so closing the client closes its connections.
-    return aredis.Redis.from_pool(pool)
+    return aredis.Redis.from_pool(pool), pool
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> FastAPI:
@@ -86,7 +88,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = api_redis(settings)
+        client, pool = api_redis(settings)
         hub = StreamHub(settings.redis_url, timeout=settings.api_redis_timeout)
         await hub.start()
         celery = create_celery(settings, catalog)
@@ -111,7 +113,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         # Sends again what a dead process queued but never sent (queueing/recovery.py).
         sweep = RequeueSweep(client, celery, settings.heartbeat_interval)
         sweep.start()
-        memory = MemoryReturn()
+        memory = MemoryReturn(pool=pool)
         memory.start()
         try:
             yield

@@ -7,6 +7,8 @@ frames, anyio/sse-starlette task groups) and brought the count back to the basel
 old generation while their stream runs, and Python's full collection waits for the old generation to grow by
 25%, which a process gone quiet never does. ``malloc_trim`` then hands the freed heap pages back to the system
 (with the C allocator, ops/cli.py ``api``: RSS 188 -> 116 MiB; the collection alone left it at 189 MiB).
+What pinned the rest of those pages was the Redis pool, which had grown to its cap; it is shrunk first
+(api/redis_pool.py), so that its connections' objects are garbage by the time of the collection.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import ctypes
 import ctypes.util
 import gc
 from collections.abc import Callable
+
+from api.redis_pool import ShrinkingPool
 
 INTERVAL = 10.0  # s; a full collection of the API's live objects takes tens of ms on a loaded core
 
@@ -37,10 +41,12 @@ def _malloc_trim() -> Callable[[], None]:
 
 
 class MemoryReturn:
-    """Every ``interval`` seconds a full collection, then ``malloc_trim``."""
+    """Every ``interval`` seconds: the Redis pool's connections idle for as long closed, a full collection,
+    then ``malloc_trim``."""
 
-    def __init__(self, interval: float = INTERVAL) -> None:
+    def __init__(self, interval: float = INTERVAL, pool: ShrinkingPool | None = None) -> None:
         self.interval = interval
+        self._pool = pool
         self._trim = _malloc_trim()
         self._task: asyncio.Task[None] | None = None
 
@@ -50,6 +56,8 @@ class MemoryReturn:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if self._pool is not None:
+                await self._pool.shrink(self.interval)
             gc.collect()
             self._trim()
 

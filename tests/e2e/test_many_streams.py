@@ -203,15 +203,6 @@ def test_1000_concurrent_streams_on_one_api_process_all_complete(fleet: Fleet, l
     assert fleet.api is not None and fleet.api.poll() is None, "the API process died"
 
 
-# Not strict: the figure sits near the bound (+26% against +20%), and a run that happens to meet it must not
-# fail the suite; an XPASS in the summary says it is time to look again.
-@pytest.mark.xfail(
-    strict=False,
-    reason="Not met yet: 60 s after a burst the API's RSS is 26% above its baseline (88.8 -> 112.3 MiB, peak "
-    "185 MiB; bound 106.6). It was 75-105% (86 -> 151-177 MiB) before the API ran on the C allocator with a "
-    "periodic gc.collect + malloc_trim (api/memory.py): the rest is heap pages held by the few objects left "
-    "from the burst (tracemalloc: ~3 MiB of Python allocations alive since the baseline), not objects kept.",
-)
 def test_api_memory_returns_within_20_percent_of_baseline_a_minute_after(fleet: Fleet, load: Load) -> None:
     assert fleet.api is not None
     bound = load.baseline * (1 + RSS_MARGIN)
