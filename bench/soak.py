@@ -353,7 +353,7 @@ class Monitor(threading.Thread):
         while not self.done.is_set():
             client = redis.Redis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=1.0)
             try:
-                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+                pubsub = client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
                 pubsub.psubscribe(f"{keys.STREAM_PREFIX}*")
                 while not self.done.is_set():
                     message = pubsub.get_message(timeout=1.0)

@@ -56,7 +56,11 @@ def test_a_connection_in_use_is_never_closed(redis_server: RedisServer) -> None:
         client = aredis.Redis.from_pool(pool)
         try:
             await _burst(client)
-            held = asyncio.create_task(client.blpop(["still-waiting"], timeout=1.0))
+
+            async def wait() -> object:
+                return await client.blpop(["still-waiting"], timeout=1.0)
+
+            held = asyncio.create_task(wait())
             await asyncio.sleep(0.2)
             assert await pool.shrink(idle_for=0.0, keep=0) == BURST - 1
             assert _open_here(redis_server.url) == 1

@@ -72,7 +72,7 @@ def run_and_listen(url: str, runner: JobRunner, job: Job) -> list[events.Event]:
             assert msg is not None, got
             got.append(events.decode(msg["data"]))
         worker.join()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
         await a.aclose()
         return got
 
@@ -119,7 +119,7 @@ def test_engine_errors_become_failed_events(redis_server: RedisServer, redis_cli
 
 def published_while(client: redis.Redis, job_id: str, action: Callable[[], object]) -> list[bytes]:
     """What ``action`` published on the job's channel (subscribed, and confirmed, before it runs)."""
-    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
     pubsub.subscribe(keys.stream_channel(job_id))
     assert pubsub.get_message(timeout=5) is not None  # the subscribe confirmation
     action()

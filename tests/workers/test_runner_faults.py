@@ -181,7 +181,7 @@ def test_a_job_whose_record_vanished_stops_and_frees_the_engine(
     runner = runner_on(redis_client, engine)
     job, kept = story(max_tokens=200), list[BaseException]()
     create(redis_server.url, job)
-    pubsub = redis_client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = redis_client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
     pubsub.subscribe(keys.stream_channel(job.id))
     t = threading.Thread(target=run_kept, args=(runner, job, kept), daemon=True)
     t.start()

@@ -105,7 +105,7 @@ class Channel:
     """Everything published on one job's channel, collected by a thread from before the first delivery."""
 
     def __init__(self, client: redis.Redis, job_id: str) -> None:
-        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
         self._pubsub.subscribe(keys.stream_channel(job_id))
         # The subscription is confirmed before anything is delivered: nothing published later is missed.
         confirmed = self._pubsub.get_message(timeout=5)
