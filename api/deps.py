@@ -1,8 +1,4 @@
-"""Request dependencies: the long-lived objects the lifespan put on ``app.state``.
-
-Coroutines, though none awaits: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
-dependency per request (40 threads after a 50-stream warm-up) for what is an attribute read.
-"""
+"""Request dependencies: the long-lived objects the lifespan put on ``app.state``."""
 
 from __future__ import annotations
 
@@ -17,19 +13,19 @@ from api.jobs import Dispatcher
 from queueing.catalog import Catalog, ModelSpec
 
 
-async def _dispatcher(request: Request) -> Dispatcher:
+def _dispatcher(request: Request) -> Dispatcher:
     return cast(Dispatcher, request.app.state.dispatcher)
 
 
-async def _catalog(request: Request) -> Catalog:
+def _catalog(request: Request) -> Catalog:
     return cast(Catalog, request.app.state.catalog)
 
 
-async def _redis(request: Request) -> aredis.Redis:
+def _redis(request: Request) -> aredis.Redis:
     return cast(aredis.Redis, request.app.state.redis)
 
 
-async def _files(request: Request) -> Files:
+def _files(request: Request) -> Files:
     return cast(Files, request.app.state.files)
 
 

@@ -110,11 +110,8 @@ class Settings(BaseSettings):
         "they read a job record, so a few hundred serve thousands of concurrent streams.",
     )
     api_redis_pool_timeout: float = Field(
-        10.0,
+        2.0,
         gt=0,
-        # Not the outage bound: while Redis is away each command gives its connection back within
-        # api_redis_timeout. A wait this long happens only when the process is CPU-bound (1,000 streams
-        # starting at once on 2 cores waited over 2 s: 163 of them answered 503 with the 2 s this was).
         description="API side: seconds a request waits for a free connection of the API's Redis pool.",
     )
     # Files and batches (api/files.py, api/batches/).

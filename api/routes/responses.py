@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-async def _responses(request: Request) -> Responses:  # async: see api/deps.py
+def _responses(request: Request) -> Responses:
     return cast(Responses, request.app.state.responses)
 
 
@@ -45,7 +45,7 @@ def _key(headers: Any) -> str | None:
     return str(key).strip() if key else None
 
 
-async def _owner(request: Request) -> str:
+def _owner(request: Request) -> str:
     # The key check (api/auth.py) already let this key in; stored responses are partitioned by it.
     return owner_of(_key(request.headers))
 
