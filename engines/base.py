@@ -50,6 +50,8 @@ class Output:
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of the prompt's tokens, those the engine did not evaluate again: it held their KV state already.
+    cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     # The tokens produced in this step, when the request asked for logprobs.
     logprobs: list[TokenLogprob] | None = None

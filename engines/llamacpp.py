@@ -114,13 +114,13 @@ class LlamaCppEngine:
         max_tokens = min(request.max_tokens, self._n_ctx - len(prompt))
         # Before the first output: a schema without a grammar is the client's error (400), not a stream error.
         grammar = None if request.json_schema is None else grammar_for(request.json_schema, llm._model.vocab)
-        yield Output(prompt_tokens=len(prompt))
-
         if request.seed is not None:
             # Reusing a cached prompt prefix evaluates the prompt in other batches, and the logits differ in
             # the last bits: enough to change a sampled token. A seeded request promises the same output, so
             # it evaluates its whole prompt; unseeded ones keep the prefix cache.
             llm.reset()  # type: ignore[no-untyped-call]
+        cached = _reused_prefix(llm, prompt)
+        yield Output(prompt_tokens=len(prompt), cached_tokens=cached)
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -152,7 +152,11 @@ class LlamaCppEngine:
                 finish = "stop"
             if text or stops.stopped or logprobs:
                 yield Output(
-                    text=text, prompt_tokens=len(prompt), completion_tokens=produced, logprobs=logprobs
+                    text=text,
+                    prompt_tokens=len(prompt),
+                    cached_tokens=cached,
+                    completion_tokens=produced,
+                    logprobs=logprobs,
                 )
             if stops.stopped:
                 break
@@ -162,6 +166,7 @@ class LlamaCppEngine:
         yield Output(
             text=tail,
             prompt_tokens=len(prompt),
+            cached_tokens=cached,
             completion_tokens=produced,
             finish_reason=finish,
             stop_sequence=stops.matched,
@@ -238,3 +243,16 @@ class LlamaCppEngine:
         self._llm.close()
         if self._embedder is not None:
             self._embedder.close()
+
+
+def _reused_prefix(llm: llama_cpp.Llama, prompt: list[int]) -> int:
+    """The prompt tokens ``Llama.generate`` will not evaluate again: the longest prefix the context already
+    holds (its last evaluation's tokens), less one when that is the whole prompt (it evaluates the last token
+    again for fresh logits). Read before the generation, as ``generate`` itself decides."""
+    held = llm._input_ids
+    same = 0
+    for a, b in zip(held, prompt, strict=False):
+        if a != b:
+            break
+        same += 1
+    return min(same, len(prompt) - 1)

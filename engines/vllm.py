@@ -186,7 +186,7 @@ class VllmEngine:
         with self._lock:
             self._streams[rid] = stream
         stream.future = asyncio.run_coroutine_threadsafe(self._pump(rid, prompt, params, stream), self._loop)
-        produced, finish = 0, None
+        produced, cached, finish = 0, 0, None
         try:
             while True:
                 item = stream.outputs.get()
@@ -194,13 +194,14 @@ class VllmEngine:
                     break
                 if isinstance(item, BaseException):
                     raise EngineError(f"vLLM failed: {item}") from item
-                text, n_tokens, reason, logprobs, stop_sequence = item
+                text, n_tokens, reason, logprobs, stop_sequence, cached = item
                 produced += n_tokens
                 finish = FINISH.get(reason, "stop") if reason else None
                 if text or finish or logprobs:
                     yield Output(
                         text=text,
                         prompt_tokens=len(prompt),
+                        cached_tokens=cached,
                         completion_tokens=produced,
                         finish_reason=finish,
                         logprobs=logprobs,
@@ -208,7 +209,12 @@ class VllmEngine:
                     )
             if finish is None:
                 # Aborted before vLLM reported a reason (the task was cancelled): say so.
-                yield Output(prompt_tokens=len(prompt), completion_tokens=produced, finish_reason="cancelled")
+                yield Output(
+                    prompt_tokens=len(prompt),
+                    cached_tokens=cached,
+                    completion_tokens=produced,
+                    finish_reason="cancelled",
+                )
         finally:
             with self._lock:
                 self._streams.pop(rid, None)
@@ -229,7 +235,9 @@ class VllmEngine:
                 logprobs = _logprobs(out, params.logprobs)
                 # A matched stop string; vLLM reports a stop token by its id (an int) instead.
                 stop = out.stop_reason if reason and isinstance(out.stop_reason, str) else None
-                stream.outputs.put((out.text, len(out.token_ids), reason, logprobs, stop))
+                # Prompt tokens served from the prefix cache (vLLM's automatic prefix caching).
+                cached = getattr(result, "num_cached_tokens", None) or 0
+                stream.outputs.put((out.text, len(out.token_ids), reason, logprobs, stop, cached))
         except asyncio.CancelledError:
             pass  # abort(): the engine's generate() aborts the request in vLLM as it unwinds
         except Exception as exc:

@@ -263,6 +263,7 @@ class JobRunner:
             finish_reason=reason,
             prompt_tokens=first.prompt_tokens,
             completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
             **stop,
         )
         self._publish(
@@ -272,6 +273,7 @@ class JobRunner:
                 finish_reason=reason,
                 prompt_tokens=first.prompt_tokens,
                 completion_tokens=last.completion_tokens,
+                cached_tokens=last.cached_tokens,
                 stop_sequence=last.stop_sequence,
                 text=None if job.stream else text,
                 logprobs=None if job.stream else g.logprobs,

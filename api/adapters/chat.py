@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Response
 
 from api import errors
-from api.protocol.base import Usage
+from api.protocol.base import PromptTokensDetails, Usage
 from api.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -40,7 +40,10 @@ OPENAI_FRAMING = sse.Framing(error=lambda exc: [sse.Frame(json.dumps(exc.body())
 
 def openai_usage(u: core.TokenUsage) -> Usage:
     return Usage(
-        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
     )
 
 

@@ -64,10 +64,16 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    # As OpenAI reports it: the prompt tokens served from the engine's prefix cache.
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 def check_stops(value: str | list[str] | None) -> list[str]:

@@ -193,3 +193,21 @@ def test_a_generation_closed_mid_stream_frees_the_engine_for_the_next(engine: En
     t.start()
     t.join(30)
     assert done, "the closed generation still holds the engine"
+
+
+def test_a_prompt_the_context_still_holds_reports_its_cached_tokens(engine: Engine) -> None:
+    turn1 = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    first = list(engine.generate(GenerationRequest("r-c1", turn1, max_tokens=6, temperature=0)))
+    answer = "".join(o.text for o in first)
+    # The next turn resends the history: everything up to the new message is in the KV state already.
+    turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "And two more?"}]
+    second = list(engine.generate(GenerationRequest("r-c2", turn2, max_tokens=4, temperature=0)))
+    shared = first[0].prompt_tokens
+    assert shared - 2 <= second[-1].cached_tokens < second[-1].prompt_tokens
+    assert all(o.cached_tokens == second[0].cached_tokens for o in second)
+    # The same prompt again: all of it but the last token, which is evaluated again for fresh logits.
+    again = list(engine.generate(GenerationRequest("r-c3", turn2, max_tokens=2, temperature=0)))
+    assert again[-1].cached_tokens == again[-1].prompt_tokens - 1
+    # A seeded request evaluates its whole prompt (the seed test above says why), and says so.
+    seeded = list(engine.generate(GenerationRequest("r-c4", turn2, max_tokens=2, seed=3)))
+    assert seeded[-1].cached_tokens == 0
