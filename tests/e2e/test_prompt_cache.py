@@ -1,7 +1,7 @@
-"""A conversation's next turn reuses the engine's KV state, and every protocol reports it where it puts it:
-``usage.prompt_tokens_details.cached_tokens`` (chat, completions), ``usage.input_tokens_details.cached_tokens``
-(responses), ``usage.cache_read_input_tokens`` (messages). The shared fleet: one real SmolLM2 worker, so both
-turns run on the same ``Llama``."""
+"""A conversation's next turn reuses the engine's KV state, and every protocol reports it where it puts
+it: ``usage.prompt_tokens_details.cached_tokens`` (chat, completions),
+``usage.input_tokens_details.cached_tokens`` (responses), ``usage.cache_read_input_tokens`` (messages). The
+shared fleet: one real SmolLM2 worker, so both turns run on the same ``Llama``."""
 
 from __future__ import annotations
 
