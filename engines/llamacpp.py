@@ -249,10 +249,5 @@ def _reused_prefix(llm: llama_cpp.Llama, prompt: list[int]) -> int:
     """The prompt tokens ``Llama.generate`` will not evaluate again: the longest prefix the context already
     holds (its last evaluation's tokens), less one when that is the whole prompt (it evaluates the last token
     again for fresh logits). Read before the generation, as ``generate`` itself decides."""
-    held = llm._input_ids
-    same = 0
-    for a, b in zip(held, prompt, strict=False):
-        if a != b:
-            break
-        same += 1
+    same: int = llama_cpp.Llama.longest_token_prefix(llm._input_ids.tolist(), prompt)
     return min(same, len(prompt) - 1)

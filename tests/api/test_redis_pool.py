@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio as aredis
@@ -23,6 +25,18 @@ def _open_here(url: str) -> int:
         r.close()
 
 
+@asynccontextmanager
+async def _burst_pool(url: str) -> AsyncIterator[tuple[ShrinkingPool, aredis.Redis]]:
+    """A pool and its client, after a burst that opened ``BURST`` connections."""
+    pool = ShrinkingPool.from_url(url, max_connections=64, client_name=NAME)
+    client = aredis.Redis.from_pool(pool)
+    try:
+        await _burst(client)
+        yield pool, client
+    finally:
+        await client.aclose()
+
+
 async def _burst(client: aredis.Redis) -> None:
     # BLPOP with a timeout holds its connection, so the pool must open one per caller.
     await asyncio.gather(*(client.blpop([f"nothing-{i}"], timeout=0.2) for i in range(BURST)))
@@ -30,10 +44,7 @@ async def _burst(client: aredis.Redis) -> None:
 
 def test_shrink_closes_idle_connections_beyond_the_floor(redis_server: RedisServer) -> None:
     async def main() -> None:
-        pool = ShrinkingPool.from_url(redis_server.url, max_connections=64, client_name=NAME)
-        client = aredis.Redis.from_pool(pool)
-        try:
-            await _burst(client)
+        async with _burst_pool(redis_server.url) as (pool, client):
             assert _open_here(redis_server.url) == BURST
             # Not idle long enough yet: nothing closes.
             assert await pool.shrink(idle_for=60.0, keep=4) == 0
@@ -44,18 +55,13 @@ def test_shrink_closes_idle_connections_beyond_the_floor(redis_server: RedisServ
             assert await client.ping()
             await _burst(client)
             assert _open_here(redis_server.url) == BURST
-        finally:
-            await client.aclose()
 
     asyncio.run(main())
 
 
 def test_a_connection_in_use_is_never_closed(redis_server: RedisServer) -> None:
     async def main() -> None:
-        pool = ShrinkingPool.from_url(redis_server.url, max_connections=64, client_name=NAME)
-        client = aredis.Redis.from_pool(pool)
-        try:
-            await _burst(client)
+        async with _burst_pool(redis_server.url) as (pool, client):
 
             async def wait() -> object:
                 return await client.blpop(["still-waiting"], timeout=1.0)
@@ -65,7 +71,5 @@ def test_a_connection_in_use_is_never_closed(redis_server: RedisServer) -> None:
             assert await pool.shrink(idle_for=0.0, keep=0) == BURST - 1
             assert _open_here(redis_server.url) == 1
             assert await held is None  # its command ran to its own timeout on the connection kept
-        finally:
-            await client.aclose()
 
     asyncio.run(main())
