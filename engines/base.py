@@ -113,6 +113,26 @@ class Embedder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    """What an engine holds of earlier prompts' KV state, for routing and the workers' page."""
+
+    # Prompt prefixes held (each engine says what it counts as one).
+    entries: int
+    # Memory those entries take beyond what the engine holds anyway (its context, its model).
+    bytes: int
+
+
+@runtime_checkable
+class PrefixCacheHolder(Protocol):
+    """An engine that keeps earlier prompts' KV state and serves a prompt sharing their prefix from it
+    (an optional capability, checked with ``isinstance``)."""
+
+    def cache_stats(self) -> CacheStats:
+        """What the engine holds now. Cheap and safe from any thread: it never waits for a generation."""
+        ...
+
+
 @runtime_checkable
 class TokenCounter(Protocol):
     """An engine that counts a request's prompt tokens without generating (an optional capability)."""
