@@ -1,21 +1,33 @@
-"""llama.cpp through llama-cpp-python: a GGUF file, its own chat template, one generation at a time."""
+"""llama.cpp through llama-cpp-python: a GGUF file, its own chat template, one generation at a time.
+
+Prompt prefixes are reused from two places: the context itself (the tokens of its last generation, which
+``Llama.generate`` keeps when the next prompt starts with them) and a RAM cache of the KV state of recent
+generations (llama-cpp-python's ``LlamaRAMCache``), loaded into the context when it holds a longer prefix of
+the prompt: a conversation whose turns alternate with other requests still finds its history there.
+"""
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import jinja2
 import llama_cpp
 import numpy as np
+from llama_cpp.llama_cache import LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from engines.base import (
+    CacheStats,
     ContextLengthExceeded,
     Embeddings,
     EngineError,
@@ -34,9 +46,13 @@ logger = logging.getLogger(__name__)
 class LlamaCppEngine:
     name = "llamacpp"
 
-    def __init__(self, model_path: Path, n_ctx: int, n_threads: int | None = None) -> None:
+    def __init__(
+        self, model_path: Path, n_ctx: int, n_threads: int | None = None, cache_mib: int = 256
+    ) -> None:
         if not Path(model_path).is_file():
             raise EngineError(f"GGUF file not found: {model_path}")
+        if cache_mib < 0:
+            raise EngineError(f"cache_mib must be 0 (no prefix cache) or more, not {cache_mib}")
         self._model_path = model_path
         self._n_threads = n_threads or os.cpu_count()
         # n_threads_batch too: llama-cpp-python defaults it to every core, so prompt evaluation ignored the
@@ -55,9 +71,18 @@ class LlamaCppEngine:
         self._embedder: llama_cpp.Llama | None = None
         self._embed_lock = threading.Lock()
         self._formatter = self._chat_formatter()
-        # One Llama object is not thread-safe; generations on it are serialised.
+        # One Llama object is not thread-safe; generations on it are serialised. So is the state cache: it
+        # is only used under this lock.
         self._lock = threading.Lock()
         self._aborted: set[str] = set()
+        # Least recently used states go first once their llama.cpp state data exceeds the capacity.
+        self._cache = LlamaRAMCache(cache_mib * 2**20) if cache_mib else None
+        # What cache_stats() answers, replaced after each generation: read without the lock, so a
+        # heartbeat never waits for a generation.
+        self._stats = CacheStats(entries=0, bytes=0)
+        # load_state writes a state's scores into the context's first n_tokens rows of scores; the states we
+        # keep carry this one row of zeros instead (broadcast there; see _snapshot), shared by all of them.
+        self._no_scores = np.zeros((1, self._llm.n_vocab()), dtype=np.single)
 
     def _chat_formatter(self) -> Jinja2ChatFormatter | None:
         template = self._llm.metadata.get("tokenizer.chat_template")
@@ -117,11 +142,30 @@ class LlamaCppEngine:
         if request.seed is not None:
             # Reusing a cached prompt prefix evaluates the prompt in other batches, and the logits differ in
             # the last bits: enough to change a sampled token. A seeded request promises the same output, so
-            # it evaluates its whole prompt; unseeded ones keep the prefix cache.
+            # it evaluates its whole prompt (and loads no cached state); unseeded ones keep the prefix cache.
             llm.reset()  # type: ignore[no-untyped-call]
+        else:
+            self._load_longest_prefix(prompt)
         cached = _reused_prefix(llm, prompt)
         yield Output(prompt_tokens=len(prompt), cached_tokens=cached)
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        try:
+            yield from self._sample(request, prompt, cached, grammar, max_tokens)
+        finally:
+            # After the last output or the caller's close, so never before the first token. Once the prompt
+            # was evaluated (seeded or not), the context holds it and the output but its last token.
+            if llm.n_tokens >= len(prompt):
+                self._save()
+
+    def _sample(
+        self,
+        request: GenerationRequest,
+        prompt: list[int],
+        cached: int,
+        grammar: LlamaGrammar | None,
+        max_tokens: int,
+    ) -> Iterator[Output]:
+        llm = self._llm
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(request.stop)
@@ -171,6 +215,65 @@ class LlamaCppEngine:
             finish_reason=finish,
             stop_sequence=stops.matched,
         )
+
+    def _load_longest_prefix(self, prompt: list[int]) -> None:
+        """Load the cached state sharing the longest prefix with ``prompt`` when it is longer than the one
+        the context holds (what ``Llama.create_completion`` does with its cache before generating)."""
+        if self._cache is None:
+            return
+        try:
+            state = self._cache[prompt]
+        except KeyError:
+            return  # no cached state shares even the first token
+        llm = self._llm
+        held = llama_cpp.Llama.longest_token_prefix(state.input_ids[: state.n_tokens].tolist(), prompt)
+        if held > llama_cpp.Llama.longest_token_prefix(llm._input_ids.tolist(), prompt):
+            llm.load_state(state)
+
+    def _save(self) -> None:
+        """Keep the context's state, keyed by the tokens it holds, and refresh the stats. A memcpy of the
+        KV cells in use: ~23 KiB a token for SmolLM2-135M."""
+        llm, cache = self._llm, self._cache
+        held = tuple(llm._input_ids.tolist())
+        if cache is not None:
+            # A state extends the ones whose tokens it starts with, and serves every prompt they serve:
+            # without this, each turn of a conversation would hold a copy of all the turns before it.
+            for key in [k for k in cache.cache_state if len(k) <= len(held) and held[: len(k)] == k]:
+                del cache.cache_state[key]
+            started = time.perf_counter()
+            cache[held] = self._snapshot()
+            took = time.perf_counter() - started
+            logger.debug("kept the state of %d tokens in %.1f ms", len(held), 1e3 * took)
+        cached = 0 if cache is None else len(cache.cache_state)
+        live = 1 if held and (cache is None or held not in cache.cache_state) else 0
+        self._stats = CacheStats(entries=cached + live, bytes=0 if cache is None else cache.cache_size)
+
+    def _snapshot(self) -> llama_cpp.LlamaState:
+        """``Llama.save_state`` without its copy of the context's scores: that copies a row of logits over the
+        vocabulary for each token up to n_batch (100 MB at 512 rows for SmolLM2's 49,152 tokens) that this
+        engine never reads (logits_all is off: the rows are not even written), and that the cache's capacity
+        does not count."""
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        # Written in place into the one buffer kept (a ctypes array copied to bytes took 3x as long).
+        data = bytearray(size)
+        written = llama_cpp.llama_state_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size)
+        del data[written:]
+        return llama_cpp.LlamaState(
+            input_ids=self._llm.input_ids.copy(),
+            scores=self._no_scores,
+            n_tokens=self._llm.n_tokens,
+            # Typed bytes, but load_state only copies it with from_buffer_copy: any buffer will do.
+            llama_state=cast(bytes, data),
+            llama_state_size=written,
+            seed=self._llm._seed,
+        )
+
+    def cache_stats(self) -> CacheStats:
+        """Entries: the states in the RAM cache, plus the context's own when it holds tokens no cached state
+        is keyed by (with the cache off, or when its state did not fit). Bytes: the RAM cache's state data;
+        the context's KV memory is allocated whatever it holds."""
+        return self._stats
 
     def _logprob(self, token: int, piece: bytes, top: int) -> TokenLogprob:
         """Log-probabilities from the logits the token was sampled from (still in the context: the next
