@@ -62,10 +62,13 @@ class ModelManager:
         max_models: int = 0,
         memory_budget: int = 0,
         default_keep_alive: float | None = None,
+        llamacpp_cache_mib: int | None = None,
     ) -> None:
         self._catalog = catalog
         self._forced_engine = forced_engine
         self._n_threads = n_threads
+        # None: the engine's own default.
+        self._llamacpp_cache_mib = llamacpp_cache_mib
         self.max_models = max_models
         self.memory_budget = memory_budget
         self._default_keep_alive = default_keep_alive
@@ -144,12 +147,11 @@ class ModelManager:
             spec, name, path = self._locate(model)
             started = time.perf_counter()
             source = spec.sources[name]
+            options = dict(getattr(source, "options", {}))
+            if name == "llamacpp" and self._llamacpp_cache_mib is not None:
+                options.setdefault("cache_mib", self._llamacpp_cache_mib)  # the catalog's own option wins
             engine = create_engine(
-                name,
-                model_path=path,
-                n_ctx=spec.context_length,
-                n_threads=self._n_threads,
-                **getattr(source, "options", {}),
+                name, model_path=path, n_ctx=spec.context_length, n_threads=self._n_threads, **options
             )
             logger.info(
                 "loaded %s with %s from %s in %.2fs", model, name, path, time.perf_counter() - started
