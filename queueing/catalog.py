@@ -94,7 +94,9 @@ class ModelSource(BaseModel):
         return target
 
 
-Routing = Literal["queue", "round_robin", "least_connections", "weighted", "random", "fastest_response"]
+Routing = Literal[
+    "queue", "round_robin", "least_connections", "weighted", "random", "fastest_response", "affinity"
+]
 ROUTING_MODES: tuple[Routing, ...] = Routing.__args__  # type: ignore[attr-defined]
 
 

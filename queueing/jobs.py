@@ -63,3 +63,6 @@ class Job(BaseModel):
     # Bumped each time the job is re-queued after its worker died; a delivery whose attempt is not the
     # job's current one is stale and is dropped, which deduplicates broker redeliveries.
     attempt: int = 1
+    # An explicit conversation id (OpenAI's `prompt_cache_key`, or a session header): `affinity` routing
+    # sends the session's turns to the worker that served it last, whose engine still holds its prefix.
+    session: str | None = None

@@ -36,6 +36,10 @@ WORKERS_SEEN = f"{PREFIX}:workers:seen"
 # Routing state shared by every API process: the round-robin cursor and smooth-weighted counters per model.
 ROUTE_RR_PREFIX = f"{PREFIX}:route:rr:"
 ROUTE_WEIGHTED_PREFIX = f"{PREFIX}:route:weighted:"
+# Affinity routing (queueing/affinity.py): per worker, the prompt-prefix block hashes its engines hold (a
+# sorted set scored by the Redis time each was last served, trimmed and expiring), and per model and session
+# the worker that served the session last.
+SESSION_PREFIX = f"{PREFIX}:route:session:"
 # Batch lines that gave their slot to a waiting interactive request of a model, lately: so that one waiting
 # request makes one worker yield, not every worker that sees it.
 PREEMPT_PREFIX = f"{PREFIX}:preempt:"
@@ -105,6 +109,15 @@ def worker_jobs_key(name: str) -> str:
 def worker_assigned_key(name: str) -> str:
     """Jobs routed to a worker's own queue that it has not claimed yet."""
     return f"{WORKER_PREFIX}{name}:assigned"
+
+
+def worker_prefixes_key(name: str) -> str:
+    """Prefix block hashes a worker's engines hold, scored by when each was last served (Redis ms)."""
+    return f"{WORKER_PREFIX}{name}:prefixes"
+
+
+def session_key(model: str, session: str) -> str:
+    return f"{SESSION_PREFIX}{model}:{session}"
 
 
 def route_rr_key(model: str) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import redis
 import redis.asyncio as aredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from queueing import keys
 from queueing._codec import text
@@ -34,6 +34,24 @@ class ModelStatus(BaseModel):
 class LoadFailure(BaseModel):
     message: str
     at: float = Field(default_factory=time.time)
+
+
+class PromptCacheInfo(BaseModel):
+    """What a worker's engines hold of earlier prompts, and how often a generation found its prefix there."""
+
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of generations that took part of their prompt from the cache."""
+        total = self.hits + self.misses
+        return None if total == 0 else round(self.hits / total, 4)
 
 
 class WorkerInfo(BaseModel):
@@ -63,6 +81,8 @@ class WorkerInfo(BaseModel):
     tokens_generated: int = 0
     ewma_ttft: float | None = None  # seconds to the first token
     ewma_tpot: float | None = None  # seconds per output token after the first
+    ewma_prefill_tps: float | None = None  # prompt tokens evaluated per second (uncached ones)
+    prompt_cache: PromptCacheInfo = PromptCacheInfo()
     started_at: float = Field(default_factory=time.time)
     heartbeat_at: float = Field(default_factory=time.time)
 

@@ -1,4 +1,5 @@
-"""Routing: which worker's own queue a job goes to, for every strategy beside plain ``queue``.
+"""Routing: which worker's own queue a job goes to, for every strategy beside plain ``queue``
+(``affinity``'s pick is in queueing/affinity.py).
 
 The choice and its bookkeeping are one Lua script, so several API processes share one round-robin cursor,
 one set of smooth-weighted counters and one view of each worker's in-flight jobs. A worker's in-flight
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import redis.asyncio as aredis
 
 from queueing import keys
+from queueing.affinity import AffinityPicker, Balance, Prefix
 from queueing.catalog import Routing
 from queueing.registry import WorkerInfo
 
@@ -102,13 +104,20 @@ class Router:
     """Picks a fresh worker for a job and records the assignment (API side)."""
 
     def __init__(
-        self, client: aredis.Redis, fresh_seconds: float, explore: float, rng: random.Random | None = None
+        self,
+        client: aredis.Redis,
+        fresh_seconds: float,
+        explore: float,
+        rng: random.Random | None = None,
+        affinity_ttl: float = 600.0,
+        balance: Balance | None = None,
     ) -> None:
         self._r = client
         self._fresh_ms = int(fresh_seconds * 1000)
         self._explore = explore
         self._rng = rng or random.Random()
         self._pick = client.register_script(_PICK)
+        self.affinity = AffinityPicker(client, self._fresh_ms, affinity_ttl, balance or Balance())
 
     async def loads(self, names: Sequence[str]) -> list[int]:
         async with self._r.pipeline(transaction=False) as pipe:
@@ -119,11 +128,21 @@ class Router:
         return [int(a) + int(b) for a, b in zip(counts[::2], counts[1::2], strict=True)]
 
     async def pick(
-        self, strategy: Routing, model: str, job_id: str, candidates: Sequence[WorkerInfo], max_tokens: int
+        self,
+        strategy: Routing,
+        model: str,
+        job_id: str,
+        candidates: Sequence[WorkerInfo],
+        max_tokens: int,
+        prefix: Prefix | None = None,
     ) -> str | None:
-        """The worker chosen for ``job_id``, or None to fall back to the model's shared queue."""
+        """The worker chosen for ``job_id``, or None to fall back to the model's shared queue. ``affinity``
+        matches ``prefix`` (none: no prefix, nothing to match)."""
         if strategy == "queue" or not candidates:
             return None
+        if strategy == "affinity":
+            choice = await self.affinity.pick(model, job_id, candidates, prefix or Prefix([], 0))
+            return None if choice is None else choice.worker
         ranked = sorted(candidates, key=lambda w: w.name)
         script_strategy: str = strategy
         if strategy == "random":

@@ -50,8 +50,25 @@ class Settings(BaseSettings):
     # Routing and models on demand.
     routing: str = Field(
         "queue",
-        description="How the API picks a worker: queue, round_robin, least_connections, weighted, random or "
-        "fastest_response. The catalog can override it per model, a request per `x-inferq-routing` header.",
+        description="How the API picks a worker: queue, round_robin, least_connections, weighted, random, "
+        "fastest_response or affinity. The catalog can override it per model, a request per "
+        "`x-inferq-routing` header.",
+    )
+    affinity_ttl: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a worker's record of a served prompt prefix (and of a session's last worker) "
+        "counts for `affinity` routing.",
+    )
+    affinity_balance_abs: int = Field(
+        2,
+        ge=0,
+        description="`affinity` routing leaves the worker holding a prompt's prefix for the least loaded "
+        "worker when the fleet is imbalanced: the former has more jobs in flight than the latter by more "
+        "than this, and by more than affinity_balance_ratio times.",
+    )
+    affinity_balance_ratio: float = Field(
+        2.0, ge=1, description="See affinity_balance_abs: both bounds must be exceeded to spill."
     )
     route_explore: float = Field(
         0.05, description="Share of fastest_response picks sent to a random worker, so all stay measured."
