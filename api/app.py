@@ -24,7 +24,16 @@ from api.files import Files
 from api.filestore import LocalFileStore
 from api.input_limits import InputLimitsMiddleware
 from api.input_limits import Limits as InputLimits
-from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
+from api.jobs import (
+    ROUTING_HEADER,
+    SESSION_HEADERS,
+    Dispatcher,
+    Limits,
+    parse_routing,
+    requested_routing,
+    requested_session,
+    session_digest,
+)
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.redis_pool import ShrinkingPool
@@ -57,6 +66,8 @@ async def _routing_header(connection: HTTPConnection) -> None:
     """Reads the per-request routing override once for every endpoint (see api.jobs.requested_routing);
     an HTTPConnection, so that WebSocket routes (Responses' WebSocket mode) get it too."""
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
+    session = next((v for h in SESSION_HEADERS if (v := connection.headers.get(h))), None)
+    requested_session.set(session_digest(session))
 
 
 def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from api import errors
 from api.control import FleetControl
 from api.streams import StreamHub, Subscription
 from queueing import events, registry
+from queueing.affinity import Balance, Prefix
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
 from queueing.jobs import Job, JobState, Priority
@@ -40,6 +42,23 @@ RECORD_LOST_GRACE = 2.0
 # The routing mode a request asked for in its header; set by the app-wide dependency in api/app.py so that
 # every endpoint that enqueues honours it without each one reading the header.
 requested_routing: ContextVar[Routing | None] = ContextVar("requested_routing", default=None)
+# The session headers coding agents and gateways send (Claude Code, SGLang's and Dynamo's routers), read in
+# this order; OpenAI's `prompt_cache_key` in the body takes precedence (use_session).
+SESSION_HEADERS = ("x-session-id", "x-session-affinity", "x-claude-code-session-id", "session-id")
+# The request's explicit session, as a digest: it names a Redis key, and need not reveal who the user is.
+requested_session: ContextVar[str | None] = ContextVar("requested_session", default=None)
+
+
+def session_digest(value: str | None) -> str | None:
+    if not value:
+        return None
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def use_session(prompt_cache_key: str | None) -> None:
+    """A body's `prompt_cache_key` names the request's session (over a session header)."""
+    if prompt_cache_key:
+        requested_session.set(session_digest(prompt_cache_key))
 
 
 def parse_routing(value: str | None) -> Routing | None:
@@ -107,7 +126,13 @@ class Dispatcher:
         self.store = AsyncJobStore(client)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
         fresh = 2 * settings.heartbeat_interval
-        self.router = Router(client, fresh, settings.route_explore)
+        self.router = Router(
+            client,
+            fresh,
+            settings.route_explore,
+            affinity_ttl=settings.affinity_ttl,
+            balance=Balance(settings.affinity_balance_abs, settings.affinity_balance_ratio),
+        )
         self.fleet = FleetControl(client, celery, fresh, settings.load_timeout, limits.poll)
         # Watchdog looks in flight at once, at most a quarter of the Redis pool: a thousand quiet streams
         # (a loaded machine delays their events past the poll) would otherwise take every connection and
@@ -142,7 +167,10 @@ class Dispatcher:
         self, job: Job, disconnected: Disconnected | None = None, options: RunOptions = INTERACTIVE
     ) -> AsyncIterator[JobRun]:
         limits = options.limits or self.limits
-        job = job.model_copy(update={"priority": options.priority})
+        update: dict[str, object] = {"priority": options.priority}
+        if job.session is None and (session := requested_session.get()) is not None:
+            update["session"] = session
+        job = job.model_copy(update=update)
         workers = await self.candidates(job.model, limits)
         async with self.hub.subscribe(job.id) as sub:
             live = False
@@ -173,7 +201,8 @@ class Dispatcher:
         # unsent in the same transaction until the message is out: an API process that dies in between
         # leaves the job to the sweep of the others (queueing/recovery.py), not stranded.
         await self.store.create(job, ttl=limits.request_timeout + 3600, track_send=True)
-        target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job))
+        prefix = Prefix.of(job) if strategy == "affinity" else None
+        target = await self.router.pick(strategy, job.model, job.id, workers, _expected_tokens(job), prefix)
         # kombu's producer is synchronous, but one LPUSH on a pooled connection costs less than a hop to a
         # thread would (which also shows in time to first token on a busy machine). No target: the
         # model's shared queue, where every worker with the model pulls.

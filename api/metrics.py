@@ -69,6 +69,22 @@ _FLEET_HELP = {
     "inferq_worker_tokens_total": ("counter", "Output tokens the worker generated (rate() gives tokens/s)."),
     "inferq_worker_ttft_seconds": ("gauge", "EWMA of the worker's time to first token."),
     "inferq_worker_seconds_per_token": ("gauge", "EWMA of the worker's seconds per output token."),
+    "inferq_worker_prefill_tokens_per_second": ("gauge", "EWMA of the worker's prompt evaluation speed."),
+    "inferq_worker_prompt_cache_hits_total": (
+        "counter",
+        "Generations that took part of their prompt from the worker's prefix cache.",
+    ),
+    "inferq_worker_prompt_cache_misses_total": (
+        "counter",
+        "Generations that found none of their prompt cached.",
+    ),
+    "inferq_worker_prompt_tokens_total": ("counter", "Prompt tokens of the worker's generations."),
+    "inferq_worker_cached_prompt_tokens_total": (
+        "counter",
+        "Of those, the ones taken from the prefix cache.",
+    ),
+    "inferq_worker_prompt_cache_entries": ("gauge", "Prompt states the worker's engines hold."),
+    "inferq_worker_prompt_cache_bytes": ("gauge", "Bytes those states take."),
     "inferq_model_loaded": ("gauge", "1 per model on a worker, by state (loading, ready, unloading)."),
     "inferq_queue_depth": ("gauge", "Messages waiting in a queue, by priority (interactive, batch)."),
     "inferq_batches_active": ("gauge", "Batches not finished yet (validating to finalizing, or cancelling)."),
@@ -93,6 +109,14 @@ async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
         add("inferq_worker_tokens_total", lab, w.tokens_generated)
         add("inferq_worker_ttft_seconds", lab, w.ewma_ttft)
         add("inferq_worker_seconds_per_token", lab, w.ewma_tpot)
+        add("inferq_worker_prefill_tokens_per_second", lab, w.ewma_prefill_tps)
+        cache = w.prompt_cache
+        add("inferq_worker_prompt_cache_hits_total", lab, cache.hits)
+        add("inferq_worker_prompt_cache_misses_total", lab, cache.misses)
+        add("inferq_worker_prompt_tokens_total", lab, cache.prompt_tokens)
+        add("inferq_worker_cached_prompt_tokens_total", lab, cache.cached_tokens)
+        add("inferq_worker_prompt_cache_entries", lab, cache.entries)
+        add("inferq_worker_prompt_cache_bytes", lab, cache.bytes)
         for model, status in w.model_states.items():
             add("inferq_model_loaded", {"worker": w.name, "model": model, "state": status.state}, 1)
     queues = [keys.model_queue(m) for m in catalog.models] + [keys.worker_queue(w.name) for w in workers]

@@ -24,6 +24,7 @@ from engines.base import (
     UnsupportedRequest,
 )
 from queueing import events, keys
+from queueing.affinity import Recorder
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
@@ -141,6 +142,7 @@ class JobRunner:
         preempt_poll_seconds: float = 0.05,
         liveness: Liveness | None = None,
         record_retry_seconds: float = 600.0,
+        prefixes: Recorder | None = None,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
@@ -153,6 +155,7 @@ class JobRunner:
         self._preempt_poll = preempt_poll_seconds
         self._record_retry = record_retry_seconds
         self._away = _Away()
+        self._prefixes = prefixes
         # Ids of the jobs this process runs now: tells our own claim, applied before its reply was lost,
         # from a duplicate delivery of a job that runs here already.
         self._active: set[str] = set()
@@ -279,7 +282,20 @@ class JobRunner:
                 logprobs=None if job.stream else g.logprobs,
             ),
         )
+        # After the client has its answer: its next turn cannot be routed before this ran anyway.
+        self._record_prefix(job, text)
         return last.completion_tokens, decode
+
+    def _record_prefix(self, job: Job, reply: str) -> None:
+        """Tell affinity routing that this worker's engine holds the job's prompt and reply now. Routing
+        works without it (a worse guess), so a Redis error here is logged, never the job's failure."""
+        if self._prefixes is None or self._away.now():
+            return
+        try:
+            self._prefixes.record(job, reply)
+        except redis.RedisError as exc:
+            self._away.found()
+            logger.warning("job %s: prefix not recorded for affinity routing: %r", job.id, exc)
 
     def _decode(
         self,
@@ -310,6 +326,8 @@ class JobRunner:
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.stats.first_token(first_token_at - started)
+                    cached = max(first.cached_tokens, out.cached_tokens)
+                    self.stats.prompt_evaluated(first.prompt_tokens, cached, first_token_at - started)
                 parts.append(out.text)
             if logprobs is not None and step_logprobs:
                 logprobs.extend(step_logprobs)

@@ -16,18 +16,20 @@ from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from engines.base import PrefixCacheHolder
 from queueing import keys
+from queueing.affinity import Recorder
 from queueing.catalog import Catalog
 from queueing.celery_app import enqueue
 from queueing.jobstore import JobStore
-from queueing.registry import LoadFailure, ModelState, WorkerInfo
+from queueing.registry import LoadFailure, ModelState, PromptCacheInfo, WorkerInfo
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
 from workers.liveness import Liveness
-from workers.models import ModelManager
+from workers.models import ModelManager, ModelNotLoaded
 from workers.preempt import Preemption
 from workers.runner import JobRunner
-from workers.stats import WorkerStats
+from workers.stats import StatsSnapshot, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,28 @@ class WorkerRuntime:
             tokens_generated=s.tokens,
             ewma_ttft=s.ewma_ttft,
             ewma_tpot=s.ewma_tpot,
+            ewma_prefill_tps=s.ewma_prefill_tps,
+            prompt_cache=self._prompt_cache(s),
             started_at=self.started_at,
+        )
+
+    def _prompt_cache(self, s: StatsSnapshot) -> PromptCacheInfo:
+        entries = size = 0
+        for model in self.models.loaded():
+            try:
+                engine = self.models.get(model)
+            except ModelNotLoaded:
+                continue  # unloaded since
+            if isinstance(engine, PrefixCacheHolder):
+                held = engine.cache_stats()
+                entries, size = entries + held.entries, size + held.bytes
+        return PromptCacheInfo(
+            entries=entries,
+            bytes=size,
+            hits=s.cache_hits,
+            misses=s.cache_misses,
+            prompt_tokens=s.prompt_tokens,
+            cached_tokens=s.cached_tokens,
         )
 
     # -- run-time model changes (from remote-control commands and the idle sweep) ----------------------
@@ -210,6 +233,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         # A job that ended while Redis was away delivers its result when Redis returns, as long as its
         # request can still be waiting for it.
         record_retry_seconds=settings.request_timeout,
+        prefixes=Recorder(client, name, settings.affinity_ttl),
     )
     rt = WorkerRuntime(
         name=name,

@@ -1,12 +1,16 @@
 """What a worker measures about its own jobs: in-flight count, totals, and EWMAs of its speed.
 
-The registry publishes a snapshot with every heartbeat; ``fastest_response`` routing reads the EWMAs.
+The registry publishes a snapshot with every heartbeat; ``fastest_response`` routing reads the EWMAs,
+``affinity`` routing the prefill speed.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+
+# Prompt tokens evaluated at least, for a time to first token to count as a prefill speed sample.
+MIN_PREFILL_SAMPLE = 32
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,13 @@ class StatsSnapshot:
     tokens: int
     ewma_ttft: float | None
     ewma_tpot: float | None
+    ewma_prefill_tps: float | None = None
+    # Generations whose prompt an engine took partly from its prefix cache (hits) or not at all (misses),
+    # and their prompt tokens: all of them, and those taken from the cache.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class WorkerStats:
@@ -31,6 +42,11 @@ class WorkerStats:
         self._tokens = 0
         self._ttft: float | None = None
         self._tpot: float | None = None
+        self._prefill: float | None = None
+        self._hits = 0
+        self._misses = 0
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
 
     def _ewma(self, old: float | None, sample: float) -> float:
         return sample if old is None else old + self._alpha * (sample - old)
@@ -42,6 +58,22 @@ class WorkerStats:
     def first_token(self, seconds: float) -> None:
         with self._lock:
             self._ttft = self._ewma(self._ttft, seconds)
+
+    def prompt_evaluated(self, prompt_tokens: int, cached_tokens: int, seconds: float) -> None:
+        """A generation's first token came ``seconds`` after its start, with ``cached_tokens`` of its
+        ``prompt_tokens`` taken from the engine's cache: the cache's counts and the prefill speed that
+        affinity routing weighs a miss by."""
+        evaluated = prompt_tokens - cached_tokens
+        with self._lock:
+            self._prompt_tokens += prompt_tokens
+            self._cached_tokens += cached_tokens
+            if cached_tokens > 0:
+                self._hits += 1
+            else:
+                self._misses += 1
+            # A short evaluation is mostly fixed cost (scheduling, the first decode step): no prefill sample.
+            if evaluated >= MIN_PREFILL_SAMPLE and seconds > 0:
+                self._prefill = self._ewma(self._prefill, evaluated / seconds)
 
     def job_finished(self, ok: bool, tokens: int = 0, decode_seconds: float = 0.0) -> None:
         with self._lock:
@@ -63,5 +95,15 @@ class WorkerStats:
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             return StatsSnapshot(
-                self._in_flight, self._completed, self._failed, self._tokens, self._ttft, self._tpot
+                self._in_flight,
+                self._completed,
+                self._failed,
+                self._tokens,
+                self._ttft,
+                self._tpot,
+                self._prefill,
+                self._hits,
+                self._misses,
+                self._prompt_tokens,
+                self._cached_tokens,
             )

@@ -46,6 +46,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     n: int = Field(1, ge=1, le=16, description="Choices to generate (one job each, seeds seed+i).")
     parallel_tool_calls: bool | None = Field(None, description="Accepted; at most one call is made.")
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=1024,
+        description="Names the conversation: `affinity` routing keeps it on one worker.",
+    )
     response_format: ResponseFormat | None = Field(
         None, description="`json_object` or `json_schema`: output constrained to valid JSON."
     )

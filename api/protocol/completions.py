@@ -23,6 +23,11 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives reported per token.")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (unset or null: 16).")
     n: int = Field(1, ge=1, le=16, description="Completions per prompt (one job each, seeds seed+i).")
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=1024,
+        description="Names the conversation: `affinity` routing keeps it on one worker.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     suffix: str | None = Field(None, description="Not supported: must be unset.")

@@ -12,7 +12,7 @@ from api.adapters import responses
 from api.adapters.responses_items import compaction_content, context_items
 from api.adapters.responses_stream import TERMINAL, Writer, events_of
 from api.deps import model_spec
-from api.jobs import Disconnected, Dispatcher
+from api.jobs import Disconnected, Dispatcher, use_session
 from api.protocol.responses import (
     CompactionItem,
     CompactRequest,
@@ -85,6 +85,7 @@ class Responses:
     ) -> responses.Prepared:
         """``known``: responses a WebSocket connection made, continued also when they were not stored."""
         spec = model_spec(self.catalog, body.model)
+        use_session(body.prompt_cache_key)
         return responses.prepare(body, spec, await self.previous(body, owner, known), stream=stream)
 
     async def save(self, prepared: responses.Prepared, owner: str, response: ResponseObject) -> None:

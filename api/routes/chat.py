@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from api.adapters import chat
 from api.deps import CatalogDep, DispatcherDep, model_spec
+from api.jobs import use_session
 from api.protocol.chat import ChatCompletion, ChatCompletionRequest
 from api.serving.core import Serve
 
@@ -17,6 +18,7 @@ router = APIRouter()
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
+    use_session(body.prompt_cache_key)
     return await chat.respond(
         body, Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
     )

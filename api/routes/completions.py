@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from api.adapters import completions
 from api.deps import CatalogDep, DispatcherDep, model_spec
+from api.jobs import use_session
 from api.protocol.completions import Completion, CompletionRequest
 from api.serving.core import Serve
 
@@ -17,6 +18,7 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
+    use_session(body.prompt_cache_key)
     return await completions.respond(
         body, Serve(model_spec(catalog, body.model), dispatcher, request.is_disconnected)
     )
