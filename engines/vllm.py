@@ -231,9 +231,13 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         try:
-            results: AsyncIterator[Any] = self._engine.generate(
-                TokensPrompt(prompt_token_ids=prompt), params, rid
-            )
+            tokens = TokensPrompt(prompt_token_ids=prompt)
+            if params.seed is not None:
+                # A seeded request promises the same text, and a prefix-cache hit computes the prompt in
+                # other batches (the logits' last bits differ): a salt of its own keeps it from sharing
+                # cached blocks, as llama.cpp and MLX evaluate a seeded prompt whole.
+                tokens["cache_salt"] = rid
+            results: AsyncIterator[Any] = self._engine.generate(tokens, params, rid)
             async for result in results:
                 out = result.outputs[0]
                 reason = out.finish_reason if result.finished else None

@@ -217,6 +217,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         max_models=settings.worker_max_models,
         memory_budget=settings.worker_memory_budget,
         default_keep_alive=settings.keep_alive if settings.keep_alive >= 0 else None,
+        llamacpp_cache_mib=settings.llamacpp_cache_mib,
     )
     pinned = set(settings.pinned_list())
     for model in settings.model_list():

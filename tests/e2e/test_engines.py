@@ -185,6 +185,25 @@ def test_seed_makes_sampling_repeatable(ef: EngineFleet) -> None:
     assert len({ask(s, 1.0) for s in (1, 2, 3)}) > 1
 
 
+def test_a_seeded_request_takes_nothing_from_the_prefix_cache(ef: EngineFleet) -> None:
+    # The same prompt twice: an unseeded second request could reuse the first one's prefix, a seeded one
+    # evaluates its whole prompt on every engine (README: Affinity routing), and its text does not change.
+    # Long enough for whole cache blocks (vLLM caches whole blocks only).
+    messages = [{"role": "system", "content": "Be brief. " * 120}, *HELLO]
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 11,
+    }
+    first = ef.client().chat.completions.create(**kwargs)
+    again = ef.client().chat.completions.create(**kwargs)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_prompt_longer_than_context_is_400(ef: EngineFleet) -> None:
     long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello " * 700}]
     with pytest.raises(openai.BadRequestError) as info:
