@@ -55,7 +55,9 @@ def test_create_a_message(client: anthropic.Anthropic) -> None:
     assert [b.type for b in message.content] == ["text"] and text_of(message).strip()
     usage = message.usage
     assert usage.input_tokens > 0 and 0 < usage.output_tokens <= 16
-    assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (0, 0)
+    # Read from the prefix cache: whatever an earlier request of the shared fleet left there (the default
+    # system prompt is common to all); nothing is ever written to a cache the client pays for.
+    assert usage.cache_creation_input_tokens == 0 and isinstance(usage.cache_read_input_tokens, int)
     assert message.stop_sequence is None
     assert (message._request_id or "").startswith("req_")
 

@@ -203,13 +203,10 @@ def test_1000_concurrent_streams_on_one_api_process_all_complete(fleet: Fleet, l
     assert fleet.api is not None and fleet.api.poll() is None, "the API process died"
 
 
-# Not strict: alone it passes (88.8 -> 103.2-103.6 MiB, bound 106.6), but in one full make test run it read
-# 113.0 MiB; an XPASS in the summary says it held.
-@pytest.mark.xfail(
-    strict=False,
-    reason="Near its bound in a full suite run: 88.8 -> 113.0 MiB 60 s after the burst (bound 106.6 MiB); "
-    "alone 103.2-103.6 MiB with the Redis pool shrunk (api/redis_pool.py).",
-)
+# Measured at 3c8ef28 on this 2-core VM (baseline -> a minute after): alone 90.8 -> 103.3 MiB; with one core
+# kept busy by another process 90.7 -> 102.4 and 90.8 -> 102.8 (bound +20%: 109 MiB). The one full-suite
+# reading above the bound (88.8 -> 113.0, stop 19) came from a run in which this burst itself failed 185
+# streams, at a commit since reverted (034b562).
 def test_api_memory_returns_within_20_percent_of_baseline_a_minute_after(fleet: Fleet, load: Load) -> None:
     assert fleet.api is not None
     bound = load.baseline * (1 + RSS_MARGIN)
