@@ -216,7 +216,8 @@ def fleet_run(kind: str, args: argparse.Namespace) -> list[Run]:
         )
         worker_args = ["--engine", "scripted", "--concurrency", "1"]
     else:
-        model, worker_env, worker_args = "smollm2-135m", {"INFERQ_LLAMACPP_THREADS": "1"}, []
+        model, worker_args = "smollm2-135m", []
+        worker_env = {"INFERQ_LLAMACPP_THREADS": "1", "INFERQ_LLAMACPP_CACHE_MIB": str(args.cache_mib)}
     fleet = Fleet(server.url, tmp, **env)
     try:
         fleet.start_api()
@@ -280,17 +281,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--doc-words", type=int, default=900, help="words of each conversation's document")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument(
+        "--cache-mib",
+        type=int,
+        default=96,
+        help="each real worker's llama.cpp prefix cache: ~4 of these histories (~24 MB each), so the fleet "
+        "serves more conversations than one worker's cache holds, as a fleet of many users does",
+    )
     parser.add_argument("--fleet", choices=["real", "scripted", "both"], default="both")
     parser.add_argument("--pick-rate", type=float, default=500.0)
     parser.add_argument("--pick-seconds", type=float, default=10.0)
     args = parser.parse_args()
     print(  # noqa: T201
         f"# bench/affinity.py: {args.conversations} conversations x {args.turns} turns, interleaved; "
-        f"2 workers, 1 slot each"
+        f"2 workers, 1 slot each; real workers' prefix cache {args.cache_mib} MiB"
     )
     kinds = ["scripted", "real"] if args.fleet == "both" else [args.fleet]
     for kind in kinds:

@@ -6,8 +6,9 @@ expiring; and, for a job with an explicit session, which worker served that sess
 
 The API's pick is one Lua script over the fresh candidates. Per worker: its jobs in flight, the longest
 chain prefix it holds (a binary search: a worker that holds block *k* of a chain served the blocks before
-it too), and the expected prefill cost of the prompt's uncached part at that worker's measured prefill
-speed. The cheapest worker wins, unless the fleet is imbalanced: then the least loaded one does. With
+it too), and the expected cost there: the prefill of the prompt's uncached part at the worker's measured
+prefill speed, plus the wait for one of its slots (the jobs ahead, at its measured service time). The
+cheapest worker wins, unless the fleet is imbalanced: then the least loaded one does. With
 nothing cached anywhere the job goes to the least loaded worker with a free slot or, when every slot is
 busy, to the model's shared queue for whichever worker frees first: a worker never queues work that
 another could start, for a cache it does not have.
@@ -23,7 +24,7 @@ import redis.asyncio as aredis
 
 from queueing import keys, prefixes
 from queueing.jobs import Job
-from queueing.registry import WorkerInfo
+from queueing.registry import WorkerInfo, expected_seconds
 
 # A worker's prefix set keeps at most this many block hashes (the newest): 64 conversations of 2k tokens.
 MAX_BLOCKS_HELD = 8192
@@ -47,21 +48,22 @@ return n
 
 # KEYS: job record, seen zset, rotation cursor, then the session key when the job has a session.
 # ARGV: job id, freshness ms, worker key prefix, ttl ms, imbalance: absolute and ratio, the prompt's
-# estimated tokens, tokens per block, candidate count; per candidate (name, slots, prefill tokens/s); then the
-# prompt's block hashes. Returns {worker, matched tokens, 'cache' | 'spill' | 'cold'}, or nil: shared queue.
+# estimated tokens, tokens per block, candidate count; per candidate (name, slots, prefill tokens/s, seconds
+# one job takes there, 0 while unmeasured); then the prompt's block hashes.
+# Returns {worker, matched tokens, 'cache' | 'spill' | 'cold'}, or nil: the model's shared queue.
 _PICK = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local job, fresh, prefix, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local abs, ratio = tonumber(ARGV[5]), tonumber(ARGV[6])
 local prompt, per_block, n = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local first_hash = 10 + 3 * n
+local first_hash = 10 + 4 * n
 local chain = #ARGV - first_hash + 1
 local session_worker = false
 if #KEYS > 3 then session_worker = redis.call('GET', KEYS[4]) end
 local names, loads, slots, matched, costs = {}, {}, {}, {}, {}
 for c = 0, n - 1 do
-  local name = ARGV[10 + 3 * c]
+  local name = ARGV[10 + 4 * c]
   local seen = redis.call('ZSCORE', KEYS[2], name)
   if seen and tonumber(seen) >= now - fresh then
     local held = prefix .. name .. ':prefixes'
@@ -73,12 +75,16 @@ for c = 0, n - 1 do
     end
     local m = math.min(lo * per_block, prompt)
     if session_worker == name then m = prompt end
+    local load = redis.call('SCARD', prefix .. name .. ':jobs')
+      + redis.call('SCARD', prefix .. name .. ':assigned')
+    local slot = tonumber(ARGV[11 + 4 * c])
+    -- The uncached part's prefill, plus the wait for a free slot behind the jobs ahead of this one.
+    local wait = math.max(0, load - slot + 1) * tonumber(ARGV[13 + 4 * c]) / slot
     table.insert(names, name)
-    table.insert(loads, redis.call('SCARD', prefix .. name .. ':jobs')
-      + redis.call('SCARD', prefix .. name .. ':assigned'))
-    table.insert(slots, tonumber(ARGV[11 + 3 * c]))
+    table.insert(loads, load)
+    table.insert(slots, slot)
     table.insert(matched, m)
-    table.insert(costs, (prompt - m) / tonumber(ARGV[12 + 3 * c]))
+    table.insert(costs, (prompt - m) / tonumber(ARGV[12 + 4 * c]) + wait)
   end
 end
 if #names == 0 then return false end
@@ -160,7 +166,7 @@ class AffinityPicker:
         self._balance = balance
 
     async def pick(
-        self, model: str, job_id: str, candidates: Sequence[WorkerInfo], prefix: Prefix
+        self, model: str, job_id: str, candidates: Sequence[WorkerInfo], prefix: Prefix, max_tokens: int = 1
     ) -> Choice | None:
         argv: list[str | int | float] = [
             job_id,
@@ -174,7 +180,8 @@ class AffinityPicker:
             len(candidates),
         ]
         for w, speed in zip(candidates, prefill_speeds(candidates), strict=True):
-            argv += [w.name, max(1, w.concurrency), speed]
+            service = expected_seconds(w, 0, max_tokens) or 0.0
+            argv += [w.name, max(1, w.concurrency), speed, service]
         argv += prefix.hashes
         script_keys = [keys.job_key(job_id), keys.WORKERS_SEEN, keys.route_rr_key(model)]
         if prefix.session is not None:

@@ -87,6 +87,16 @@ class WorkerInfo(BaseModel):
     heartbeat_at: float = Field(default_factory=time.time)
 
 
+def expected_seconds(worker: WorkerInfo, load: int, max_tokens: int) -> float | None:
+    """How long a new job would take on ``worker``: its measured service time, stretched by the jobs queued
+    ahead of it beyond its free slots. None while the worker has not been measured yet."""
+    if worker.ewma_ttft is None or worker.ewma_tpot is None:
+        return None
+    service = worker.ewma_ttft + worker.ewma_tpot * max(max_tokens - 1, 0)
+    queued_ahead = max(0, load - worker.concurrency + 1)
+    return service * (1 + queued_ahead / worker.concurrency)
+
+
 # KEYS: heartbeat key, workers set, seen zset. ARGV: info json, ttl ms, name.
 _ANNOUNCE = """
 local t = redis.call('TIME')

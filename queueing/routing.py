@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 from queueing import keys
 from queueing.affinity import AffinityPicker, Balance, Prefix
 from queueing.catalog import Routing
-from queueing.registry import WorkerInfo
+from queueing.registry import WorkerInfo, expected_seconds
 
 # KEYS: job record, seen zset, round-robin cursor, weighted counters.
 # ARGV: strategy, job id, freshness ms, worker key prefix, then (name, weight, limit) per candidate.
@@ -72,16 +72,6 @@ return names[pick]
 
 # Strategies decided in the script; the others rank candidates in Python and pass them 'ordered'.
 _IN_SCRIPT = ("round_robin", "weighted", "least_connections")
-
-
-def expected_seconds(worker: WorkerInfo, load: int, max_tokens: int) -> float | None:
-    """How long a new job would take on ``worker``: its measured service time, stretched by the jobs queued
-    ahead of it beyond its free slots. None while the worker has not been measured yet."""
-    if worker.ewma_ttft is None or worker.ewma_tpot is None:
-        return None
-    service = worker.ewma_ttft + worker.ewma_tpot * max(max_tokens - 1, 0)
-    queued_ahead = max(0, load - worker.concurrency + 1)
-    return service * (1 + queued_ahead / worker.concurrency)
 
 
 def rank_fastest(
@@ -141,7 +131,7 @@ class Router:
         if strategy == "queue" or not candidates:
             return None
         if strategy == "affinity":
-            choice = await self.affinity.pick(model, job_id, candidates, prefix or Prefix([], 0))
+            choice = await self.affinity.pick(model, job_id, candidates, prefix or Prefix([], 0), max_tokens)
             return None if choice is None else choice.worker
         ranked = sorted(candidates, key=lambda w: w.name)
         script_strategy: str = strategy

@@ -19,10 +19,12 @@ from queueing.registry import WorkerInfo, announce
 SYSTEM = "You are a careful assistant. " * 40
 
 
-def worker(name: str, concurrency: int = 1, prefill_tps: float | None = None) -> WorkerInfo:
+def worker(
+    name: str, concurrency: int = 1, prefill_tps: float | None = None, ttft: float | None = None
+) -> WorkerInfo:
     return WorkerInfo(
         name=name, host="h", pid=1, engine="scripted", models=["m"], concurrency=concurrency,
-        ewma_prefill_tps=prefill_tps,
+        ewma_prefill_tps=prefill_tps, ewma_ttft=ttft, ewma_tpot=None if ttft is None else 0.05,
     )  # fmt: skip
 
 
@@ -33,13 +35,13 @@ def chat(*turns: str, session: str | None = None) -> Job:
     return Job(model="m", messages=messages, session=session)
 
 
-def pick(url: str, job: Job, workers: list[WorkerInfo]) -> Choice | None:
+def pick(url: str, job: Job, workers: list[WorkerInfo], max_tokens: int = 1) -> Choice | None:
     async def go() -> Choice | None:
         client = aredis.Redis.from_url(url)
         try:
             await AsyncJobStore(client, 60).create(job)
             picker = AffinityPicker(client, fresh_ms=5000, ttl=60, balance=Balance())
-            return await picker.pick("m", job.id, workers, Prefix.of(job))
+            return await picker.pick("m", job.id, workers, Prefix.of(job), max_tokens)
         finally:
             await client.aclose()
 
@@ -158,6 +160,25 @@ def test_a_miss_is_weighed_by_the_workers_prefill_speed(
     Recorder(redis_client, "a", ttl=60).record(chat("Q"), reply=None)
     choice = pick(redis_server.url, chat("Q", "R" * 2000, "S"), [a, b])
     assert choice is not None and (choice.worker, choice.reason) == ("b", "cache")
+
+
+def test_a_short_saving_does_not_wait_behind_a_busy_worker(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # a holds the prompt but runs a job of ~5 s (0.1 s to the first token, 0.05 s a token for 100 tokens);
+    # the prompt's ~300 tokens cost b ~0.3 s at 1,000 tokens/s: b is cheaper, though a holds the cache.
+    a, b = fleet(
+        redis_client, worker("a", prefill_tps=1000, ttft=0.1), worker("b", prefill_tps=1000, ttft=0.1)
+    )
+    Recorder(redis_client, "a", ttl=60).record(chat("Q"), reply=None)
+    busy(redis_client, "a", 1)
+    choice = pick(redis_server.url, chat("Q", "R", "S"), [a, b], max_tokens=100)
+    assert choice is not None and (choice.worker, choice.reason) == ("b", "cache")
+    # A slow prefill (10 tokens/s: ~30 s) is worth the wait.
+    a, b = fleet(redis_client, worker("a", prefill_tps=10, ttft=0.1), worker("b", prefill_tps=10, ttft=0.1))
+    redis_client.delete(keys.worker_assigned_key("b"))
+    choice = pick(redis_server.url, chat("Q", "R", "S"), [a, b], max_tokens=100)
+    assert choice is not None and choice.worker == "a"
 
 
 def test_the_held_set_is_bounded(redis_server: RedisServer, redis_client: redis.Redis) -> None:

@@ -18,8 +18,8 @@ from queueing.catalog import Routing
 from queueing.jobs import ChatMessage, Job, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
 from queueing.recovery import requeue_jobs_of
-from queueing.registry import WorkerInfo, announce, fresh_workers
-from queueing.routing import Router, expected_seconds, rank_fastest
+from queueing.registry import WorkerInfo, announce, expected_seconds, fresh_workers
+from queueing.routing import Router, rank_fastest
 
 T = TypeVar("T")
 
