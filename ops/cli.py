@@ -54,8 +54,12 @@ def up(
 @main.command()
 @click.option("--host", default=None, help="Bind address (INFERQ_HOST).")
 @click.option("--port", type=int, default=None, help="API port (INFERQ_PORT).")
-def api(host: str | None, port: int | None) -> None:
-    """The API tier alone."""
+@click.option(
+    "--workers", type=int, default=None, help="API processes sharing the port (INFERQ_API_WORKERS)."
+)
+def api(host: str | None, port: int | None, workers: int | None) -> None:
+    """The API tier alone. Several processes (``--workers``) share nothing but Redis: any of them serves a
+    stream's replay, a background response or a batch that another one started."""
     if os.environ.get("PYTHONMALLOC") is None:
         # The C allocator instead of pymalloc, which must be chosen before the interpreter starts: after a
         # burst of 1,000 streams pymalloc kept 112 arenas of 1 MiB for 62 MiB of live blocks (RSS 86 -> 156
@@ -73,6 +77,7 @@ def api(host: str | None, port: int | None) -> None:
         port=port or s.port,
         log_level=s.log_level.lower(),
         access_log=False,
+        workers=workers or s.api_workers,
     )
 
 

@@ -15,6 +15,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for queues, registry and streams.")
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, description="Port the API listens on.")
+    api_workers: int = Field(1, ge=1, description="API processes sharing the port (uvicorn's workers).")
     models_file: Path | None = Field(None, description="YAML model catalog; the built-in one when unset.")
     log_level: str = Field("INFO", description="Logging level of every inferq process.")
 
@@ -41,6 +42,16 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(
         4.0, description="A worker whose last heartbeat is older than this is dead; its jobs are re-queued."
     )
+    stream_coalesce_ms: float = Field(
+        15.0,
+        ge=0,
+        description="A worker sends a stream's token at once when its last delta went out at least this long "
+        "ago (the first token always); faster tokens are gathered into one delta until then (0: a delta per "
+        "token).",
+    )
+    stream_coalesce_tokens: int = Field(
+        64, ge=1, description="Most tokens gathered into one streamed delta (see stream_coalesce_ms)."
+    )
     visibility_timeout: int = Field(
         7200,
         description="Broker redelivery of an unacknowledged message; longer than the longest job. "
@@ -49,7 +60,9 @@ class Settings(BaseSettings):
 
     # Routing and models on demand.
     routing: str = Field(
-        "queue",
+        # The default since bench/affinity.py: on conversations it beat `queue` on time to first token and
+        # throughput alike, and with nothing cached it routes like least_connections.
+        "affinity",
         description="How the API picks a worker: queue, round_robin, least_connections, weighted, random, "
         "fastest_response or affinity. The catalog can override it per model, a request per "
         "`x-inferq-routing` header.",

@@ -28,6 +28,7 @@ from queueing.affinity import Recorder
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
+from workers.coalesce import Coalescer
 from workers.liveness import Liveness
 from workers.models import ModelManager, ModelNotLoaded
 from workers.preempt import Preemption
@@ -143,6 +144,8 @@ class JobRunner:
         liveness: Liveness | None = None,
         record_retry_seconds: float = 600.0,
         prefixes: Recorder | None = None,
+        coalesce_window: float = 0.0,
+        coalesce_tokens: int = 1,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
@@ -156,6 +159,8 @@ class JobRunner:
         self._record_retry = record_retry_seconds
         self._away = _Away()
         self._prefixes = prefixes
+        self._coalesce_window = coalesce_window
+        self._coalesce_tokens = coalesce_tokens
         # Ids of the jobs this process runs now: tells our own claim, applied before its reply was lost,
         # from a duplicate delivery of a job that runs here already.
         self._active: set[str] = set()
@@ -318,6 +323,7 @@ class JobRunner:
         logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
         last = first
         watch = _Watch()
+        coalesce = Coalescer(self._coalesce_window, self._coalesce_tokens)
         for out in self._watch(job, engine.abort, outputs, watch):
             tick()
             last = out
@@ -332,12 +338,19 @@ class JobRunner:
             if logprobs is not None and step_logprobs:
                 logprobs.extend(step_logprobs)
             if job.stream and (out.text or step_logprobs):
-                self._publish(
-                    channel,
-                    events.Delta(attempt=job.attempt, text=out.text, logprobs=step_logprobs),
-                    droppable=True,
-                )
+                ready = coalesce.add(out.text, step_logprobs, time.monotonic())
+                if ready is not None:
+                    self._publish_delta(channel, job, *ready)
+        if job.stream and (rest := coalesce.flush()) is not None:
+            self._publish_delta(channel, job, *rest)
         return _Generated(first, last, parts, logprobs, first_token_at, watch)
+
+    def _publish_delta(
+        self, channel: str, job: Job, text: str, logprobs: list[events.TokenLogprob] | None
+    ) -> None:
+        self._publish(
+            channel, events.Delta(attempt=job.attempt, text=text, logprobs=logprobs), droppable=True
+        )
 
     def _embed(self, job: Job, channel: str) -> None:
         engine: Engine = self._models.get(job.model)

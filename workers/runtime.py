@@ -235,6 +235,8 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         # request can still be waiting for it.
         record_retry_seconds=settings.request_timeout,
         prefixes=Recorder(client, name, settings.affinity_ttl),
+        coalesce_window=settings.stream_coalesce_ms / 1000,
+        coalesce_tokens=settings.stream_coalesce_tokens,
     )
     rt = WorkerRuntime(
         name=name,
