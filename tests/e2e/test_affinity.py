@@ -117,9 +117,12 @@ def test_the_workers_endpoint_and_metrics_show_each_cache(fleet: Fleet) -> None:
         assert c["entries"] >= 1 and c["bytes"] > 0
         assert c["hit_rate"] is not None and 0 <= c["hit_rate"] <= 1
     assert all(w["ewma_prefill_tps"] for w in data)
+    # Read after the endpoint: a heartbeat in between can only have added hits.
     text = httpx.get(f"{fleet.base_url}/metrics").text
-    hits = re.findall(r'inferq_worker_prompt_cache_hits_total\{worker="(a\d)"[^}]*\} (\d+)', text)
-    assert {name: int(float(v)) for name, v in hits} == {n: c["hits"] for n, c in caches.items()}
+    found = re.findall(r'inferq_worker_prompt_cache_hits_total\{worker="(a\d)"[^}]*\} ([0-9.]+)', text)
+    hits = {name: int(float(v)) for name, v in found}
+    assert set(hits) == set(WORKERS)
+    assert all(hits[n] >= c["hits"] for n, c in caches.items()), (hits, caches)
 
 
 def test_a_seeded_request_gives_the_same_text_with_or_without_a_cache_hit(fleet: Fleet) -> None:

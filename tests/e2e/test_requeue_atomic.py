@@ -50,7 +50,16 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     catalog = tmp_path / "models.yaml"
     catalog.write_text(CATALOG)
     # While no worker serves the model (B and A dead, C not up yet) the request waits rather than 503s.
-    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog), INFERQ_NO_WORKER_TIMEOUT="60")
+    # Jobs on the model's shared queue, where a message taken by a worker that dies before its claim is in
+    # no worker's sets (routed to a worker's own queue, it is in that worker's assigned set, and the reaper
+    # re-queues it from there).
+    f = Fleet(
+        server.url,
+        tmp_path,
+        INFERQ_MODELS_FILE=str(catalog),
+        INFERQ_NO_WORKER_TIMEOUT="60",
+        INFERQ_ROUTING="queue",
+    )
     try:
         yield f
     finally:
