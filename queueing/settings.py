@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         4.0, description="A worker whose last heartbeat is older than this is dead; its jobs are re-queued."
     )
     stream_coalesce_ms: float = Field(
-        15.0,
+        10.0,
         ge=0,
         description="A worker sends a stream's token at once when its last delta went out at least this long "
         "ago (the first token always); faster tokens are gathered into one delta until then (0: a delta per "

@@ -5,7 +5,9 @@ produces tokens faster than that path moves them (vLLM with hundreds of streams,
 path, not the engine, sets the pace. So a delta goes out at once when the last one went out at least
 ``window`` seconds ago (the first token always: time to first token does not change, nor does a CPU
 engine's token-by-token stream), and otherwise waits, gathered with the next ones, until the window has
-passed or ``most`` tokens are pending. Like vLLM's and SGLang's ``stream_interval``, with a time bound.
+passed or ``most`` tokens are pending. Like vLLM's and SGLang's ``stream_interval``, with a time bound. A
+held token goes out with the next one (or at the stream's end): an engine that stalls right after a quick
+token holds that token for the stall.
 """
 
 from __future__ import annotations
