@@ -149,8 +149,8 @@ async def _bare_chunks(body: BareRequest) -> AsyncIterator[ServerSentEvent]:
         }
         if include_usage:
             data["usage"] = usage
-        # No separator given, as inferq's frames (api/serving/sse.py): sse-starlette's CRLF.
-        return ServerSentEvent(data=_dumps(data))
+        # LF line endings, as inferq's frames (api/serving/sse.py).
+        return ServerSentEvent(data=_dumps(data), sep="\n")
 
     def choice(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -32,7 +32,8 @@ class Frame:
     id: str | None = None
 
     def sse(self) -> ServerSentEvent:
-        return ServerSentEvent(data=self.data, event=self.event, id=self.id)
+        # sse-starlette's own separator is CRLF; OpenAI and Anthropic send LF.
+        return ServerSentEvent(data=self.data, event=self.event, id=self.id, sep="\n")
 
 
 @dataclass(frozen=True)
