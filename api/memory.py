@@ -14,13 +14,13 @@ What pinned the rest of those pages was the Redis pool, which had grown to its c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 from collections.abc import Callable
 
 from api.redis_pool import ShrinkingPool
+from api.tasks import cancel_and_wait
 
 INTERVAL = 10.0  # s; a full collection of the API's live objects takes tens of ms on a loaded core
 
@@ -63,6 +63,4 @@ class MemoryReturn:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)

@@ -5,13 +5,13 @@ queue for the next worker instead of until its request times out."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis
 import redis.asyncio as aredis
 from celery import Celery
 
+from api.tasks import cancel_and_wait
 from queueing.celery_app import enqueue
 from queueing.jobstore import AsyncJobStore
 from queueing.recovery import RESEND_AFTER_SECONDS
@@ -34,9 +34,7 @@ class RequeueSweep:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def sweep(self) -> list[str]:

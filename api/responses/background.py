@@ -26,6 +26,7 @@ from api.protocol.responses import ResponseObject, ResponsesRequest
 from api.protocol.responses_events import ResponseStreamEvent
 from api.responses.store import ResponseStore, StoredResponse
 from api.serving import core, output, structured
+from api.tasks import cancel_and_wait
 from queueing import events, keys
 from queueing.catalog import Catalog
 
@@ -58,9 +59,7 @@ class BackgroundResponses:
     async def close(self) -> None:
         """Stop driving (the process is stopping); the jobs run on and another process takes over."""
         tasks = [t for t in (self._scan, *self._driving.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task) for task in tasks), return_exceptions=True)
 
     async def begin(self, prepared: responses.Prepared, owner: str) -> ResponseObject:
         """Store a new background response as queued, log its first events and start driving it."""
