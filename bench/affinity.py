@@ -1,7 +1,8 @@
 """Affinity benchmark: multi-turn conversations, their turns interleaved, through every cache-relevant
 routing strategy in one run, plus the routing decision's own cost.
 
-    .venv/bin/python bench/affinity.py [--conversations 4] [--turns 5] [--fleet real|scripted|both]
+    .venv/bin/python bench/affinity.py [--conversations 8] [--turns 5] [--cache-mib 96]
+        [--fleet real|scripted|both]
 
 Each conversation opens with its own long document (~1k tokens) and asks a question per turn, sending the
 whole history back each time (~1.2-1.5k tokens by the last turn); all conversations run at once, each turn
