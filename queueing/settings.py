@@ -60,9 +60,11 @@ class Settings(BaseSettings):
 
     # Routing and models on demand.
     routing: str = Field(
-        # The default since bench/affinity.py: on conversations it beat `queue` on time to first token and
-        # throughput alike, and with nothing cached it routes like least_connections.
-        "affinity",
+        # Not affinity, though bench/affinity.py has it well ahead on conversations: under a burst of 1,000
+        # requests its pick (one more Redis call between a job's record and its send) stretched some sends
+        # past the unsent sweep's 3 s, a worker's heartbeat thread spent its beats re-sending them, missed its
+        # TTL and was declared dead with its streams (README: Affinity routing).
+        "queue",
         description="How the API picks a worker: queue, round_robin, least_connections, weighted, random, "
         "fastest_response or affinity. The catalog can override it per model, a request per "
         "`x-inferq-routing` header.",
