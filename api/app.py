@@ -24,16 +24,7 @@ from api.files import Files
 from api.filestore import LocalFileStore
 from api.input_limits import InputLimitsMiddleware
 from api.input_limits import Limits as InputLimits
-from api.jobs import (
-    ROUTING_HEADER,
-    SESSION_HEADERS,
-    Dispatcher,
-    Limits,
-    parse_routing,
-    requested_routing,
-    requested_session,
-    session_digest,
-)
+from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.redis_pool import ShrinkingPool
@@ -54,6 +45,7 @@ from api.routes import (
     responses,
     system,
 )
+from api.sessions import SESSION_HEADERS, requested_session, session_digest
 from api.streams import StreamHub
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery

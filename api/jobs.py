@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -21,6 +20,7 @@ from celery import Celery
 
 from api import errors
 from api.control import FleetControl
+from api.sessions import requested_session
 from api.streams import StreamHub, Subscription
 from queueing import events, registry
 from queueing.affinity import Balance, Prefix
@@ -42,23 +42,6 @@ RECORD_LOST_GRACE = 2.0
 # The routing mode a request asked for in its header; set by the app-wide dependency in api/app.py so that
 # every endpoint that enqueues honours it without each one reading the header.
 requested_routing: ContextVar[Routing | None] = ContextVar("requested_routing", default=None)
-# The session headers coding agents and gateways send (Claude Code, SGLang's and Dynamo's routers), read in
-# this order; OpenAI's `prompt_cache_key` in the body takes precedence (use_session).
-SESSION_HEADERS = ("x-session-id", "x-session-affinity", "x-claude-code-session-id", "session-id")
-# The request's explicit session, as a digest: it names a Redis key, and need not reveal who the user is.
-requested_session: ContextVar[str | None] = ContextVar("requested_session", default=None)
-
-
-def session_digest(value: str | None) -> str | None:
-    if not value:
-        return None
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def use_session(prompt_cache_key: str | None) -> None:
-    """A body's `prompt_cache_key` names the request's session (over a session header)."""
-    if prompt_cache_key:
-        requested_session.set(session_digest(prompt_cache_key))
 
 
 def parse_routing(value: str | None) -> Routing | None:

@@ -12,7 +12,7 @@ from api.adapters import responses
 from api.adapters.responses_items import compaction_content, context_items
 from api.adapters.responses_stream import TERMINAL, Writer, events_of
 from api.deps import model_spec
-from api.jobs import Disconnected, Dispatcher, use_session
+from api.jobs import Disconnected, Dispatcher
 from api.protocol.responses import (
     CompactionItem,
     CompactRequest,
@@ -27,6 +27,7 @@ from api.protocol.responses_events import ResponseStreamEvent
 from api.responses.background import ENDED, BackgroundResponses
 from api.responses.store import ResponseStore, StoredResponse
 from api.serving import core
+from api.sessions import use_session
 from queueing.catalog import Catalog
 
 _POLL_MS = 500

@@ -7,9 +7,9 @@ from fastapi.responses import Response
 
 from api.adapters import chat
 from api.deps import CatalogDep, DispatcherDep, model_spec
-from api.jobs import use_session
 from api.protocol.chat import ChatCompletion, ChatCompletionRequest
 from api.serving.core import Serve
+from api.sessions import use_session
 
 router = APIRouter()
 

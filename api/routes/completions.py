@@ -7,9 +7,9 @@ from fastapi.responses import Response
 
 from api.adapters import completions
 from api.deps import CatalogDep, DispatcherDep, model_spec
-from api.jobs import use_session
 from api.protocol.completions import Completion, CompletionRequest
 from api.serving.core import Serve
+from api.sessions import use_session
 
 router = APIRouter()
 
