@@ -23,6 +23,7 @@ import redis
 import redis.asyncio as aredis
 
 from queueing import keys, prefixes
+from queueing._codec import text
 from queueing.jobs import Job
 from queueing.registry import WorkerInfo, expected_seconds
 
@@ -190,7 +191,7 @@ class AffinityPicker:
         if not chosen:
             return None
         name, matched, reason = chosen
-        return Choice(_text(name), int(matched), _text(reason))
+        return Choice(text(name), int(matched), text(reason))
 
 
 class Recorder:
@@ -210,7 +211,3 @@ class Recorder:
         if job.session is not None:
             script_keys.append(keys.session_key(job.model, job.session))
         self._script(keys=script_keys, args=[self._ttl_ms, self._keep, self._worker, *hashes])
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
