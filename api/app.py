@@ -28,6 +28,7 @@ from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requeste
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.redis_pool import ShrinkingPool
+from api.redis_timeouts import loop_fair
 from api.requeue_sweep import RequeueSweep
 from api.responses.background import BackgroundResponses
 from api.responses.service import Responses
@@ -65,22 +66,24 @@ async def _routing_header(connection: HTTPConnection) -> None:
 def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
     """The API's Redis client. Short timeouts and no retry on a timeout: while Redis is down or frozen a
     request answers 503 within about ``api_redis_timeout`` (redis-py's default retries would stretch that to
-    ~5 s). One quick retry on a connection error, which is what a pooled connection that a Redis restart
-    closed raises: the next connection reconnects. A blocking pool: under a burst a request waits for a
-    connection (bounded) instead of failing with "Too many connections"; afterwards it closes what the burst
-    opened (api/redis_pool.py)."""
-    timeout = settings.api_redis_timeout
+    ~5 s). The timeouts are loop-fair (api/redis_timeouts.py): a reply that came in time counts even when a
+    busy loop read it late. One quick retry on a connection error, which is what a pooled connection that a
+    Redis restart closed raises: the next connection reconnects. A blocking pool: under a burst a request
+    waits for a connection (bounded) instead of failing with "Too many connections"; afterwards it closes
+    what the burst opened (api/redis_pool.py)."""
     pool = ShrinkingPool.from_url(
         settings.redis_url,
         max_connections=settings.api_redis_max_connections,
-        timeout=settings.api_redis_pool_timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
+        wait=settings.api_redis_pool_timeout,
+        socket_timeout=None,
+        socket_connect_timeout=None,
         # A connection idle this long is pinged before use, so a restart is found by the check, not by a
         # request's command.
         health_check_interval=5,
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(redis.ConnectionError,)),
     )
+    pool.connection_class = loop_fair(pool.connection_class)
+    pool.connection_kwargs["command_timeout"] = settings.api_redis_timeout
     # from_pool: the client owns the pool, so closing the client closes its connections.
     return aredis.Redis.from_pool(pool), pool
 

@@ -20,17 +20,32 @@ from typing import Any
 import redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 
+from api.redis_timeouts import LoopFairTimeout
+
 KEEP = 8  # idle connections always kept: the steady load of a quiet API process needs a few
 
 
 class ShrinkingPool(BlockingConnectionPool):
     """A ``BlockingConnectionPool`` that remembers when each connection was last released."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, wait: float | None = None, **kwargs: Any) -> None:
+        """``wait``: seconds a command may wait for a free connection, measured by a ``LoopFairTimeout``
+        (redis-py's own ``timeout`` would trip when a busy loop is slow to hand a released one over)."""
+        super().__init__(**{**kwargs, "timeout": None})
+        self._wait = wait
         # Keyed by the connection (its class has __slots__, so no attribute can go on it); an entry goes
         # when its connection is closed here, and a connection lives as long as the pool does.
         self._released_at: dict[AbstractConnection, float] = {}
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        get = super().get_connection
+        if self._wait is None:
+            return await get(*args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
+        try:
+            async with LoopFairTimeout(self._wait):
+                return await get(*args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
+        except TimeoutError:
+            raise redis.ConnectionError(f"No Redis connection free within {self._wait}s") from None
 
     async def release(self, connection: AbstractConnection) -> None:
         self._released_at[connection] = time.monotonic()
