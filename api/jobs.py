@@ -20,6 +20,7 @@ from celery import Celery
 
 from api import errors
 from api.control import FleetControl
+from api.redis_pool import NoConnectionFree
 from api.sessions import requested_session
 from api.streams import StreamHub, Subscription
 from queueing import events, registry
@@ -294,6 +295,9 @@ class JobRun:
         try:
             async with looks:
                 return await self._watchdog()
+        except NoConnectionFree:
+            # This process is overloaded, Redis is not away: look again after the next quiet poll.
+            return None
         except redis.RedisError as exc:
             if self.job.stream:
                 raise

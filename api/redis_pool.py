@@ -22,6 +22,11 @@ from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 
 from api.redis_timeouts import LoopFairTimeout
 
+
+class NoConnectionFree(redis.ConnectionError):
+    """Every connection stayed busy for the pool's wait: the API process is overloaded, Redis may be fine."""
+
+
 KEEP = 8  # idle connections always kept: the steady load of a quiet API process needs a few
 
 
@@ -45,7 +50,7 @@ class ShrinkingPool(BlockingConnectionPool):
             async with LoopFairTimeout(self._wait):
                 return await get(*args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
         except TimeoutError:
-            raise redis.ConnectionError(f"No Redis connection free within {self._wait}s") from None
+            raise NoConnectionFree(f"No Redis connection free within {self._wait}s") from None
 
     async def release(self, connection: AbstractConnection) -> None:
         self._released_at[connection] = time.monotonic()

@@ -142,9 +142,12 @@ class Settings(BaseSettings):
         "they read a job record, so a few hundred serve thousands of concurrent streams.",
     )
     api_redis_pool_timeout: float = Field(
-        2.0,
+        10.0,
         gt=0,
-        description="API side: seconds a request waits for a free connection of the API's Redis pool.",
+        description="API side: seconds a request waits for a free connection of the API's Redis pool. Long: "
+        "all connections busy is a burst of load (a thousand streams starting on two cores held all 256 "
+        "for over 2 s), not an outage; while Redis is away the commands holding them fail within "
+        "api_redis_timeout and give them back.",
     )
     # Files and batches (api/files.py, api/batches/).
     files_dir: Path = Field(
