@@ -84,6 +84,8 @@ def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
     )
     pool.connection_class = loop_fair(pool.connection_class)
     pool.connection_kwargs["command_timeout"] = settings.api_redis_timeout
+    # Connecting is part of getting a connection, so it has as long as waiting for one.
+    pool.connection_kwargs["connect_timeout"] = settings.api_redis_pool_timeout
     # from_pool: the client owns the pool, so closing the client closes its connections.
     return aredis.Redis.from_pool(pool), pool
 

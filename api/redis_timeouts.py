@@ -75,21 +75,27 @@ def _timed_out(what: str, delay: float, connection: Any) -> redis.TimeoutError:
 
 class _LoopFair:
     """Mixed into a redis-py connection class (TCP, TLS or Unix socket, whichever the URL names): its
-    reads, writes and connect run under a ``LoopFairTimeout`` of ``command_timeout`` seconds. The pool is
+    reads and writes run under a ``LoopFairTimeout`` of ``command_timeout`` seconds, a connect under one of
+    ``connect_timeout``. The pool is
     created with ``socket_timeout=None``, so redis-py's own timeouts stay out of the way. A command cancelled
     mid-read closes its connection (redis-py does that on any exception), so no late reply is read by the
     next command."""
 
-    def __init__(self, *, command_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *, command_timeout: float, connect_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.command_timeout = command_timeout
+        # A connect takes several turns of the loop (connect, the connection's callbacks, its first
+        # commands), each of which a busy loop delays, so it has a budget of its own: a burst on two cores
+        # saw connects to an idle Redis time out at 2 s. Its commands still each have ``command_timeout``,
+        # so connecting to a frozen Redis (whose kernel still accepts) fails within that.
+        self.connect_timeout = connect_timeout
 
     async def connect(self) -> None:
         try:
-            async with LoopFairTimeout(self.command_timeout):
+            async with LoopFairTimeout(self.connect_timeout):
                 await super().connect()  # type: ignore[misc]
         except TimeoutError:
-            raise _timed_out("connecting to", self.command_timeout, self) from None
+            raise _timed_out("connecting to", self.connect_timeout, self) from None
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
@@ -110,7 +116,8 @@ _made: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
 def loop_fair(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``connection_class`` with its timeouts made loop-fair; it takes a ``command_timeout`` keyword."""
+    """``connection_class`` with its timeouts made loop-fair; it takes ``command_timeout`` and
+    ``connect_timeout`` keywords."""
     made = _made.get(connection_class)
     if made is None:
         name = f"LoopFair{connection_class.__name__}"
