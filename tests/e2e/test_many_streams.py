@@ -195,11 +195,12 @@ def test_1000_concurrent_streams_on_one_api_process_all_complete(fleet: Fleet, l
     print(f"\n{figures}")  # noqa: T201 (the figures, shown with -s)
     assert not tally.errors, figures
     assert tally.ok == STREAMS, figures
-    # All of them held by the API together, not a thousand streams one after another. Most also stream
-    # together; the last ones start only as the first end on a loaded 2-core machine (four workers
-    # starting 1,000 jobs: measured 764-1,000 streaming at once), which is the workers' pace, not the API's.
+    # All of them held by the API together, not a thousand streams one after another. Hundreds also stream
+    # together; how many depends on how fast four workers on the same two cores start 1,000 jobs, which
+    # is the workers' pace, not the API's: measured 764-1,000 streaming at once on an idle machine, 669 in
+    # CI, 304 while a package install took a core.
     assert tally.most_in_flight == STREAMS, figures
-    assert tally.most_open >= STREAMS * 3 // 4, figures
+    assert tally.most_open >= STREAMS // 4, figures
     assert fleet.api is not None and fleet.api.poll() is None, "the API process died"
 
 
