@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from starlette.requests import HTTPConnection
 
 from api import auth, errors
+from api.auth import key_of, owner_of
 from api.batches.driver import BatchDriver
 from api.batches.store import BatchStore
 from api.files import Files
@@ -33,6 +34,7 @@ from api.requeue_sweep import RequeueSweep
 from api.responses.background import BackgroundResponses
 from api.responses.service import Responses
 from api.responses.store import ResponseStore
+from api.resume import requested_owner
 from api.routes import (
     batches,
     chat,
@@ -44,6 +46,7 @@ from api.routes import (
     metrics,
     models,
     responses,
+    streams,
     system,
 )
 from api.sessions import SESSION_HEADERS, requested_session, session_digest
@@ -61,6 +64,7 @@ async def _routing_header(connection: HTTPConnection) -> None:
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
     session = next((v for h in SESSION_HEADERS if (v := connection.headers.get(h))), None)
     requested_session.set(session_digest(session))
+    requested_owner.set(owner_of(key_of(connection.headers)))
 
 
 def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
@@ -145,6 +149,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         models,
         files,
         batches,
+        streams,
         system,
         management,
         metrics,

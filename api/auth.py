@@ -9,8 +9,10 @@ logged or echoed.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,22 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/v1/system/health", "/metrics"})
 MANAGEMENT_PREFIX = "/v1/system"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def key_of(headers: Mapping[str, str]) -> str | None:
+    """The key a request presented, as a string (the middleware checked it already)."""
+    auth = headers.get("authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def owner_of(key: str | None) -> str:
+    """Who a request is, for what it may read back later (a stored response, a stream to resume): a digest
+    of its API key ("" when keys are off), never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
 
 
 def _parse_keys(value: str) -> list[str]:

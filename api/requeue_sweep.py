@@ -1,6 +1,7 @@
 """Every API process sends again the jobs a dead process made queued but never sent (the unsent ledger of
 queueing/recovery.py), so a stranded job is found even while no worker beats: it waits on its model's
-queue for the next worker instead of until its request times out."""
+queue for the next worker instead of until its request times out. The same pass cancels the streamed jobs
+whose client left and did not resume within its reconnect grace."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ class RequeueSweep:
             await asyncio.to_thread(enqueue, self._celery, job)
             await self._store.sent(job)
             resent.append(job.id)
+        # The streams whose client left and did not come back within its grace (api/resume.py).
+        for job_id in await self._store.cancel_due():
+            logger.info("job %s: its client did not come back; cancelled", job_id)
         return resent
 
     async def _loop(self) -> None:

@@ -49,6 +49,12 @@ LOAD_LOCK_PREFIX = f"{PREFIX}:lock:load:"
 # Job records: one hash per request, and per worker the set of jobs it is running.
 JOB_PREFIX = f"{PREFIX}:job:"
 STREAM_PREFIX = f"{PREFIX}:stream:"
+# A streamed job's events, kept (a Redis stream; queueing/eventlog.py).
+JOB_EVENTS_PREFIX = f"{PREFIX}:job-events:"
+# A resumable stream: what its request asked, so that any API process renders the rest (api/resume.py).
+RESUMABLE_PREFIX = f"{PREFIX}:resumable:"
+# Jobs whose streaming client left, by when they are cancelled unless it came back (score: Redis ms).
+CANCEL_AFTER = f"{PREFIX}:cancel-after"
 REAP_LOCK_PREFIX = f"{PREFIX}:lock:reap:"
 # Jobs made queued whose message may not have been sent yet (a sorted set; member "<job id>#<attempt>",
 # score the Redis time it was written, in ms). The step that queues a job writes its entry, the sender
@@ -142,6 +148,14 @@ def job_key(request_id: str) -> str:
 
 def stream_channel(request_id: str) -> str:
     return f"{STREAM_PREFIX}{request_id}"
+
+
+def job_events_key(request_id: str) -> str:
+    return f"{JOB_EVENTS_PREFIX}{request_id}"
+
+
+def resumable_key(response_id: str) -> str:
+    return f"{RESUMABLE_PREFIX}{response_id}"
 
 
 def reap_lock_key(worker: str) -> str:

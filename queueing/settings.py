@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     stream_coalesce_tokens: int = Field(
         64, ge=1, description="Most tokens gathered into one streamed delta (see stream_coalesce_ms)."
     )
+    stream_log_ttl: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a streamed job's event log is kept after its last event: how long a client may "
+        "take to reconnect with Last-Event-ID and get the rest of its stream.",
+    )
+    stream_reconnect_grace: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a streamed job goes on after its client left, so that the client can reconnect "
+        "and resume it; then it is cancelled (0: cancelled at once, as before resuming existed).",
+    )
     visibility_timeout: int = Field(
         7200,
         description="Broker redelivery of an unacknowledged message; longer than the longest job. "

@@ -23,8 +23,9 @@ from engines.base import (
     TokenLogprob,
     UnsupportedRequest,
 )
-from queueing import events, keys
+from queueing import eventlog, events
 from queueing.affinity import Recorder
+from queueing.eventlog import Channel
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
@@ -146,6 +147,7 @@ class JobRunner:
         prefixes: Recorder | None = None,
         coalesce_window: float = 0.0,
         coalesce_tokens: int = 1,
+        log_ttl: float = 600.0,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
@@ -161,6 +163,8 @@ class JobRunner:
         self._prefixes = prefixes
         self._coalesce_window = coalesce_window
         self._coalesce_tokens = coalesce_tokens
+        self._log_ttl_ms = int(log_ttl * 1000)
+        self._emit = client.register_script(eventlog.EMIT)
         # Ids of the jobs this process runs now: tells our own claim, applied before its reply was lost,
         # from a duplicate delivery of a job that runs here already.
         self._active: set[str] = set()
@@ -200,7 +204,8 @@ class JobRunner:
         return ours
 
     def _run_claimed(self, job: Job) -> Job | None:
-        channel = keys.stream_channel(job.id)
+        # A stream's events are kept too, so that its client can resume it (queueing/eventlog.py).
+        channel = Channel(job.id, job.attempt, logged=job.stream)
         self.stats.job_started()
         # What the job counts for in this worker's stats, reported once whichever way it ends.
         ok, yielded, tokens, decode_seconds = False, False, 0, 0.0
@@ -240,7 +245,7 @@ class JobRunner:
                 self.stats.job_finished(ok, tokens, decode_seconds)
         return None
 
-    def _generate(self, job: Job, channel: str) -> tuple[int, float]:
+    def _generate(self, job: Job, channel: Channel) -> tuple[int, float]:
         """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
         engine = self._models.get(job.model)
         started = time.monotonic()
@@ -305,7 +310,7 @@ class JobRunner:
     def _decode(
         self,
         job: Job,
-        channel: str,
+        channel: Channel,
         engine: Engine,
         outputs: Iterator[Output],
         tick: Callable[[], None],
@@ -346,13 +351,13 @@ class JobRunner:
         return _Generated(first, last, parts, logprobs, first_token_at, watch)
 
     def _publish_delta(
-        self, channel: str, job: Job, text: str, logprobs: list[events.TokenLogprob] | None
+        self, channel: Channel, job: Job, text: str, logprobs: list[events.TokenLogprob] | None
     ) -> None:
         self._publish(
             channel, events.Delta(attempt=job.attempt, text=text, logprobs=logprobs), droppable=True
         )
 
-    def _embed(self, job: Job, channel: str) -> None:
+    def _embed(self, job: Job, channel: Channel) -> None:
         engine: Engine = self._models.get(job.model)
         if not isinstance(engine, Embedder):
             raise UnsupportedRequest(f"The {engine.name} engine of `{job.model}` cannot embed.", "model")
@@ -382,7 +387,7 @@ class JobRunner:
             ),
         )
 
-    def _count(self, job: Job, channel: str) -> None:
+    def _count(self, job: Job, channel: Channel) -> None:
         engine = self._models.get(job.model)
         if isinstance(engine, TokenCounter):
             tokens = engine.count_tokens(to_generation_request(job))
@@ -433,7 +438,7 @@ class JobRunner:
                     watch.yielded = True
                     abort(job.id)
 
-    def _fail(self, job: Job, channel: str, code: ErrorCode, message: str, param: str | None) -> None:
+    def _fail(self, job: Job, channel: Channel, code: ErrorCode, message: str, param: str | None) -> None:
         self._finish(job, JobState.FAILED, error=message, error_code=code.value)
         self._publish(channel, events.Failed(attempt=job.attempt, code=code, message=message, param=param))
 
@@ -472,13 +477,21 @@ class JobRunner:
             self._away.found()
             return default
 
-    def _publish(self, channel: str, event: events.AnyEvent, droppable: bool = False) -> None:
+    def _publish(self, channel: Channel, event: events.AnyEvent, droppable: bool = False) -> None:
         """Pub/sub is at-most-once and the API replays what it missed from the job record, so an event
-        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away."""
+        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away. A
+        stream's event goes into its log in the same script (a resumed stream reads it there)."""
         if droppable and self._away.now():
             return
+        payload = events.encode(event)
         try:
-            self._r.publish(channel, events.encode(event))
+            if channel.log is None:
+                self._r.publish(channel.name, payload)
+            else:
+                self._emit(
+                    keys=[channel.log, channel.name],
+                    args=[channel.next_id(), payload, eventlog.MAX_EVENTS, self._log_ttl_ms],
+                )
         except UNREACHABLE as exc:
-            logger.warning("dropped a %s event of %s: Redis unreachable (%s)", event.type, channel, exc)
+            logger.warning("dropped a %s event of %s: Redis unreachable (%s)", event.type, channel.name, exc)
             self._away.found()

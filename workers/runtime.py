@@ -237,6 +237,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         prefixes=Recorder(client, name, settings.affinity_ttl),
         coalesce_window=settings.stream_coalesce_ms / 1000,
         coalesce_tokens=settings.stream_coalesce_tokens,
+        log_ttl=settings.stream_log_ttl,
     )
     rt = WorkerRuntime(
         name=name,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Response
 
-from api import errors
+from api import errors, resume
 from api.protocol.base import PromptTokensDetails, Usage
 from api.protocol.chat import (
     AssistantMessage,
@@ -117,18 +118,31 @@ async def respond(body: ChatCompletionRequest, serve: core.Serve) -> Response:
     if not body.stream:
         return core.json_response(*await complete(body, serve))
     plan, w = work(body, serve.spec)
+    created = int(time.time())
+    serve = await resume.offer(serve, w, "chat", body, created)
     stream = await serve.stream(w)
-    return sse.respond(_chunks(body, plan, stream), OPENAI_FRAMING, stream.close, stream.headers)
+    frames = resume.ids(_chunks(body, plan, stream, created), stream)
+    return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
+
+
+async def resumed(
+    body: ChatCompletionRequest, serve: core.Serve, created: int, after: resume.FrameId | None
+) -> Response:
+    """The rest of a stream after ``after`` (api/routes/streams.py); ``serve`` names and follows its job."""
+    plan, w = work(body, serve.spec, serve.ids)
+    stream = await serve.stream(w)
+    frames = resume.with_ids(_chunks(body, plan, stream, created), stream.runs[0], after)
+    return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
 
 
 def _delta(
-    piece: output.Piece, ids: dict[int, str], index: int
+    piece: output.Piece, ids: dict[int, str], index: int, new_id: Callable[[], str]
 ) -> tuple[Delta, list[events.TokenLogprob] | None]:
     if isinstance(piece, output.Text):
         return Delta(content=piece.text), piece.logprobs
     if isinstance(piece, output.CallArguments):
         if piece.first:
-            ids[index] = call_id()
+            ids[index] = new_id()
             fn = FunctionCallDelta(name=piece.name, arguments=piece.text)
             return Delta(
                 tool_calls=[ToolCallDelta(index=0, id=ids[index], type="function", function=fn)]
@@ -138,19 +152,23 @@ def _delta(
     assert isinstance(piece, output.WholeCall)
     fn = FunctionCallDelta(name=piece.call.name, arguments=piece.call.arguments)
     return Delta(
-        tool_calls=[ToolCallDelta(index=0, id=call_id(), type="function", function=fn)]
+        tool_calls=[ToolCallDelta(index=0, id=new_id(), type="function", function=fn)]
     ), piece.logprobs
 
 
 async def _chunks(
-    body: ChatCompletionRequest, plan: structured.Plan, stream: core.Stream
+    body: ChatCompletionRequest, plan: structured.Plan, stream: core.Stream, created: int
 ) -> AsyncIterator[sse.Frame]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     exclude = None if include_usage else {"usage"}
-    created = int(time.time())
     job_id = stream.work.jobs[0].id
     choices = [output.ChoiceStream(plan) for _ in stream.runs]
     call_ids: dict[int, str] = {}
+    # Tool call ids from the job's id, so that a resumed stream (api/resume.py) renders the same ones.
+    numbered = itertools.count()
+
+    def new_id() -> str:
+        return call_id(f"{job_id}:{next(numbered)}")
 
     def chunk(
         index: int,
@@ -171,7 +189,7 @@ async def _chunks(
             if isinstance(p, output.End):
                 yield chunk(i, Delta(), finish=p.reason)
             else:
-                delta, logprobs = _delta(p, call_ids, i)
+                delta, logprobs = _delta(p, call_ids, i, new_id)
                 yield chunk(i, delta, logprobs)
     if include_usage:
         last = ChatCompletionChunk(

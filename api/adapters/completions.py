@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Response
 
-from api import errors
+from api import errors, resume
 from api.adapters.chat import OPENAI_FRAMING, openai_usage
 from api.protocol.completions import (
     Completion,
@@ -91,13 +91,24 @@ async def complete(body: CompletionRequest, serve: core.Serve) -> tuple[Completi
 async def respond(body: CompletionRequest, serve: core.Serve) -> Response:
     if not body.stream:
         return core.json_response(*await complete(body, serve))
-    stream = await serve.stream(work(body, serve.spec))
-    return sse.respond(_chunks(body, stream), OPENAI_FRAMING, stream.close, stream.headers)
+    w, created = work(body, serve.spec), int(time.time())
+    serve = await resume.offer(serve, w, "completions", body, created)
+    stream = await serve.stream(w)
+    frames = resume.ids(_chunks(body, stream, created), stream)
+    return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
 
 
-async def _chunks(body: CompletionRequest, stream: core.Stream) -> AsyncIterator[sse.Frame]:
+async def resumed(
+    body: CompletionRequest, serve: core.Serve, created: int, after: resume.FrameId | None
+) -> Response:
+    """The rest of a stream after ``after`` (api/routes/streams.py); ``serve`` names and follows its job."""
+    stream = await serve.stream(work(body, serve.spec, serve.ids))
+    frames = resume.with_ids(_chunks(body, stream, created), stream.runs[0], after)
+    return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
+
+
+async def _chunks(body: CompletionRequest, stream: core.Stream, created: int) -> AsyncIterator[sse.Frame]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    created = int(time.time())
     jobs = stream.work.jobs
     offsets = [0] * len(jobs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any, Literal
 
@@ -57,8 +58,11 @@ class FunctionCall(BaseModel):
     arguments: str = Field(description="The arguments as a JSON text.")
 
 
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def call_id(seed: str | None = None) -> str:
+    """A new tool call id; the same one for the same ``seed``."""
+    if seed is None:
+        return f"call_{uuid.uuid4().hex[:24]}"
+    return f"call_{hashlib.sha256(seed.encode()).hexdigest()[:24]}"
 
 
 class ToolCall(BaseModel):

@@ -7,7 +7,6 @@ key), and a lookup with another key finds nothing, exactly as a missing response
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -17,11 +16,6 @@ from pydantic import BaseModel, Field
 from api.protocol.responses import ResponseObject
 from queueing import keys
 from queueing._codec import text
-
-
-def owner_of(key: str | None) -> str:
-    """Who a request is, for stored responses: a digest of its API key ("" when keys are off)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else ""
 
 
 class StoredResponse(BaseModel):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from api import errors, input_limits
 from api.adapters.responses_stream import Writer
+from api.auth import key_of, owner_of
 from api.protocol.responses import (
     CompactRequest,
     CompactResponse,
@@ -25,7 +26,7 @@ from api.protocol.responses import (
 )
 from api.protocol.responses_events import ResponseStreamEvent, WebSocketErrorBody, WebSocketErrorEvent
 from api.responses.service import Responses, not_found
-from api.responses.store import StoredResponse, owner_of
+from api.responses.store import StoredResponse
 from api.serving import sse
 
 logger = logging.getLogger(__name__)
@@ -36,18 +37,9 @@ def _responses(request: Request) -> Responses:
     return cast(Responses, request.app.state.responses)
 
 
-def _key(headers: Any) -> str | None:
-    auth = headers.get("authorization") or ""
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return str(token.strip())
-    key = headers.get("x-api-key")
-    return str(key).strip() if key else None
-
-
 def _owner(request: Request) -> str:
     # The key check (api/auth.py) already let this key in; stored responses are partitioned by it.
-    return owner_of(_key(request.headers))
+    return owner_of(key_of(request.headers))
 
 
 ResponsesDep = Annotated[Responses, Depends(_responses)]
@@ -165,7 +157,7 @@ async def responses_websocket(websocket: WebSocket) -> None:
     back as text messages in order; one response at a time per connection. A response continues an
     earlier one of the same connection by ``previous_response_id`` even when it was not stored."""
     service = cast(Responses, websocket.app.state.responses)
-    owner = owner_of(_key(websocket.headers))
+    owner = owner_of(key_of(websocket.headers))
     limits = cast(input_limits.Limits, websocket.app.state.input_limits)
     await websocket.accept()
     # The responses of this connection, for previous_response_id also when they were not stored.

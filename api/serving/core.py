@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
+from api.jobrun import JobRun
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.serving import fanout, structured
 from queueing import events
 from queueing.catalog import ModelSpec

@@ -8,7 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from api.jobs import INTERACTIVE, Disconnected, Dispatcher, JobRun, RunOptions
+from api.jobrun import JobRun
+from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from queueing import events
 from queueing.jobs import Job
 

@@ -99,7 +99,15 @@ def ef(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         # Cached under INFERQ_MODELS_CACHE: converted once per machine (~20 s), then reused.
         prepare(Catalog.load(catalog_file), MODEL, setup.name, python=setup.python)
     server = RedisServer()
-    fleet = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog_file), INFERQ_REQUEST_TIMEOUT="120")
+    # No reconnect grace: a client that leaves a stream cancels its job at once (what the tests of leaving
+    # measure; resuming, with the grace, is tests/e2e/test_resume.py).
+    fleet = Fleet(
+        server.url,
+        tmp,
+        INFERQ_MODELS_FILE=str(catalog_file),
+        INFERQ_REQUEST_TIMEOUT="120",
+        INFERQ_STREAM_RECONNECT_GRACE="0",
+    )
     try:
         fleet.start_api()
         name = f"{setup.name}-w1"

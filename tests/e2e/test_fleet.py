@@ -35,7 +35,9 @@ STORY: list[ChatCompletionMessageParam] = [
 @pytest.fixture
 def fleet2(catalog_file: Path, tmp_path: Path) -> Iterator[Fleet]:
     server = RedisServer()
-    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog_file))
+    # No reconnect grace: a client that leaves a stream cancels its job at once (the tests of leaving measure
+    # that; resuming, with the grace, is tests/e2e/test_resume.py).
+    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog_file), INFERQ_STREAM_RECONNECT_GRACE="0")
     try:
         f.start_api()
         f.start_worker("a")

@@ -19,7 +19,7 @@ from engines.base import (
     UnsupportedRequest,
 )
 from ops.redis_server import RedisServer
-from queueing import events, keys
+from queueing import eventlog, events, keys
 from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
@@ -70,7 +70,7 @@ def run_and_listen(url: str, runner: JobRunner, job: Job) -> list[events.Event]:
         while not got or got[-1].type not in ("finished", "error"):
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
             assert msg is not None, got
-            got.append(events.decode(msg["data"]))
+            got.append(events.decode(eventlog.split(msg["data"])[1]))
         worker.join()
         await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
         await a.aclose()

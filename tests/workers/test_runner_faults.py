@@ -15,7 +15,7 @@ import redis
 
 from engines.base import Engine
 from ops.redis_server import RedisServer
-from queueing import keys
+from queueing import eventlog, keys
 from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
 from queueing.jobstore import AsyncJobStore, JobStore
@@ -34,19 +34,28 @@ def engine(smollm2_engine: Engine) -> Engine:
 
 
 class FailingPublish(redis.Redis):
-    """A real client whose publishes from the ``fail_from``-th one on raise ``error``, ``times`` times."""
+    """A real client whose event sends from the ``fail_from``-th one on raise ``error``, ``times`` times."""
 
     def __init__(self, url: str, error: Exception, fail_from: int, times: int = 10**6) -> None:
         pool = redis.ConnectionPool.from_url(url)
         super().__init__(connection_pool=pool)
         self.error, self.fail_from, self.times, self.calls = error, fail_from, times, 0
 
-    def publish(self, channel: Any, message: Any, **kwargs: Any) -> Any:
+    def _fault(self) -> None:
         self.calls += 1
         if self.calls >= self.fail_from and self.times > 0:
             self.times -= 1
             raise self.error
+
+    def publish(self, channel: Any, message: Any, **kwargs: Any) -> Any:
+        self._fault()
         return super().publish(channel, message, **kwargs)
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        # A stream's events go out through the event log's script (queueing/eventlog.py), not PUBLISH.
+        if sha == eventlog.EMIT_SHA:
+            self._fault()
+        return super().evalsha(sha, numkeys, *keys_and_args)
 
 
 def story(max_tokens: int = 40) -> Job:

@@ -17,7 +17,7 @@ from celery import Celery
 
 from engines.scripted import CALL_LOG_ENV
 from ops.redis_server import RedisServer
-from queueing import events, keys
+from queueing import eventlog, events, keys
 from queueing.catalog import Catalog
 from queueing.celery_app import create_celery, enqueue
 from queueing.jobs import ChatMessage, Job, JobState, Sampling
@@ -119,7 +119,7 @@ class Channel:
         while not self._stop.is_set():
             msg = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
             if msg is not None:
-                self.got.append(events.decode(msg["data"]))
+                self.got.append(events.decode(eventlog.split(msg["data"])[1]))
 
     def types(self) -> list[str]:
         return [e.type for e in self.got]
