@@ -102,8 +102,11 @@ class JobRun:
             if self._replayed and sent and isinstance(event, events.Delta):
                 continue
             if event.attempt > self.attempt:
-                # The job was re-queued after its worker died. Text already streamed cannot be taken back.
-                if self._sent:
+                # The job was re-queued (its worker died or was drained). Text already streamed cannot be
+                # taken back: the stream goes on only if the new attempt continues exactly that text
+                # (workers/migration.py), which its Started says.
+                continues = event.continues if isinstance(event, events.Started) else -1
+                if self._sent and continues != len(self.text_sent):
                     raise errors.worker_lost(self.worker or "?")
                 self.attempt = event.attempt
             if isinstance(event, events.Failed):
@@ -142,8 +145,8 @@ class JobRun:
         here = self.position
         if not self.logged or at is None or at <= here or (at.n == here.n + 1 and at.attempt == here.attempt):
             return False
-        if at.n == 1 and at.attempt > here.attempt:
-            return False
+        if at.n == 1 and at.attempt > here.attempt and not self._sent:
+            return False  # a new attempt, and nothing of the old one reached the client: nothing to miss
         self.backlog.extend(await eventlog.read_after(self.dispatcher.client, self.job.id, here))
         if not self.backlog:
             self.backlog.append(raw)  # the log is gone (its TTL): go on with what came
@@ -203,9 +206,10 @@ class JobRun:
             if await registry.is_alive_async(d.client, worker):
                 self._no_worker_since = None
                 return None
-            if self._sent:
+            if self._sent and not d.migrates:
                 raise errors.worker_lost(worker)
-            # A live worker of the fleet re-queues the dead worker's job; if none is left, stop waiting.
+            # A live worker of the fleet re-queues the dead worker's job (a stream continues where it
+            # stopped); if none is left, stop waiting.
             await self._check_fleet()
         elif state == JobState.QUEUED:
             await self._check_fleet()

@@ -110,6 +110,8 @@ class Dispatcher:
         # Resumable streams (api/resume.py): how long their log is kept, how long a left client is awaited.
         self.stream_log_ttl = settings.stream_log_ttl
         self.reconnect_grace = settings.stream_reconnect_grace
+        # Whether a stream whose worker died after sending text waits for the next attempt to continue it.
+        self.migrates = settings.stream_migration_limit > 0
         self.store = AsyncJobStore(client)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
         fresh = 2 * settings.heartbeat_interval

@@ -33,6 +33,9 @@ class GenerationRequest:
     json_schema: dict[str, Any] | None = None
     # Report the log-probability of each generated token and of this many alternatives; None: none.
     logprobs: int | None = None
+    # The answer's start, generated elsewhere (a stream that moved here from a worker that died or was
+    # drained): the prompt ends with it, and the output continues it.
+    continuation: str = ""
 
 
 @dataclass(frozen=True)

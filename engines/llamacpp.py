@@ -99,7 +99,8 @@ class LlamaCppEngine:
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.prompt is not None:
-            raw: list[int] = self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+            whole = request.prompt + request.continuation
+            raw: list[int] = self._llm.tokenize(whole.encode(), add_bos=True, special=True)
             return raw
         if self._formatter is None:
             # No chat template (a base model): the messages are joined as plain text.
@@ -114,6 +115,7 @@ class LlamaCppEngine:
                     f"The model's chat template refuses these messages: {exc}", "messages"
                 ) from exc
             prompt, added_special = formatted.prompt, bool(formatted.added_special)
+        prompt += request.continuation
         # add_bos=True still honours the GGUF's own add_bos_token flag inside llama.cpp.
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=not added_special, special=True)
         return tokens

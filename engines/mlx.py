@@ -91,12 +91,12 @@ class MlxEngine:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
         if request.prompt is not None:
-            return list(tok.encode(request.prompt))  # /v1/completions: the raw text
+            return list(tok.encode(request.prompt + request.continuation))  # /v1/completions: the raw text
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-            return list(tok.encode(text, add_special_tokens=False))
+            return list(tok.encode(text + request.continuation, add_special_tokens=False))
         # No chat template (a base model): the messages are joined as plain text.
-        return list(tok.encode("\n".join(m["content"] for m in request.messages)))
+        return list(tok.encode("\n".join(m["content"] for m in request.messages) + request.continuation))
 
     def generate(self, request: GenerationRequest) -> Iterator[Output]:
         with self._lock:

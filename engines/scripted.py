@@ -56,7 +56,8 @@ class ScriptedEngine:
         yield Output(prompt_tokens=prompt, cached_tokens=cached)
         if self._prefill_seconds_per_token:
             time.sleep(self._prefill_seconds_per_token * (prompt - cached))
-        produced, finish = 0, "length"
+        # A continued answer (a stream moved here) goes on with the script's next word.
+        skip, produced, finish = len(request.continuation.split()), 0, "length"
         next_at = time.monotonic()
         while produced < min(request.max_tokens, self._n_ctx - prompt):
             next_at += self._seconds_per_token
@@ -66,7 +67,7 @@ class ScriptedEngine:
                 finish = "cancelled"
                 break
             produced += 1
-            word = " " + WORDS[produced % len(WORDS)]
+            word = " " + WORDS[(skip + produced) % len(WORDS)]
             # The script is certain of every word: probability 1.
             logprobs = None if request.logprobs is None else [TokenLogprob(word, 0.0)]
             yield Output(
@@ -112,11 +113,11 @@ def _tokens(request: GenerationRequest) -> tuple[str, ...]:
     """The script's tokens of a prompt: its words, plus one token to start a raw prompt and four to frame
     each message (what a chat template adds), the counts this engine has always reported."""
     if request.prompt is not None:
-        return ("<s>", *request.prompt.split())
+        return ("<s>", *request.prompt.split(), *request.continuation.split())
     tokens: list[str] = []
     for m in request.messages:
         tokens += ["<|im_start|>", m["role"], "\n", *m["content"].split(), "<|im_end|>"]
-    return tuple(tokens)
+    return (*tokens, *request.continuation.split())
 
 
 def _shared(a: tuple[str, ...], b: tuple[str, ...]) -> int:

@@ -138,13 +138,13 @@ class VllmEngine:
     def _tokenize(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
         if request.prompt is not None:
-            return list(tok.encode(request.prompt))  # /v1/completions: the raw text
+            return list(tok.encode(request.prompt + request.continuation))  # /v1/completions: the raw text
         if tok.chat_template:
             text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-            ids = tok.encode(text, add_special_tokens=False)
+            ids = tok.encode(text + request.continuation, add_special_tokens=False)
         else:
             # No chat template (a base model): the messages are joined as plain text.
-            ids = tok.encode("\n".join(m["content"] for m in request.messages))
+            ids = tok.encode("\n".join(m["content"] for m in request.messages) + request.continuation)
         return list(ids)
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:

@@ -13,6 +13,9 @@ class Started(BaseModel):
     attempt: int
     worker: str
     prompt_tokens: int
+    # Characters of the answer this attempt continues (a stream that moved here from a worker that died or
+    # was drained): its deltas follow that text, which earlier attempts sent.
+    continues: int = 0
 
 
 class TopLogprob(BaseModel):

@@ -64,6 +64,19 @@ class Settings(BaseSettings):
         description="Seconds a streamed job goes on after its client left, so that the client can reconnect "
         "and resume it; then it is cancelled (0: cancelled at once, as before resuming existed).",
     )
+    stream_migration_limit: int = Field(
+        3,
+        ge=0,
+        description="Times a stream may move to another worker mid-answer (its worker died or was drained): "
+        "the next worker continues the text already sent. Past it (0: never), such a stream ends with "
+        "worker_lost.",
+    )
+    worker_drain_grace: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a worker asked to stop (SIGTERM) lets its running jobs go on; then each moves "
+        "to another worker (a stream where it stopped, anything else from its start) and the worker exits.",
+    )
     visibility_timeout: int = Field(
         7200,
         description="Broker redelivery of an unacknowledged message; longer than the longest job. "

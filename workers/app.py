@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
 from queueing.catalog import get_catalog
 from queueing.celery_app import create_celery, worker_queue
@@ -48,6 +48,12 @@ def _load_models(sender: str, instance: Any, **_: Any) -> None:
 def _join_fleet(sender: Any, **_: Any) -> None:
     # The sender is Celery's consumer: models loaded later start their queues through it.
     runtime.start_heartbeat(app, runtime.get_runtime(), consumer=sender)
+
+
+@worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    # SIGTERM or Ctrl-C (a warm shutdown): Celery waits for the running jobs; after the grace they move.
+    runtime.drain_runtime(get_settings().worker_drain_grace)
 
 
 @worker_shutdown.connect

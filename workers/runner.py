@@ -29,6 +29,7 @@ from queueing.eventlog import Channel
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
+from workers import migration
 from workers.coalesce import Coalescer
 from workers.liveness import Liveness
 from workers.models import ModelManager, ModelNotLoaded
@@ -94,7 +95,8 @@ class _Generated:
 
 
 class Yielded(Exception):
-    """A batch line stopped to give its slot to an interactive request; ``again`` is its next attempt."""
+    """A job gave its slot up (a batch line to an interactive request, any job to a worker's drain);
+    ``again`` is its next attempt."""
 
     def __init__(self, again: Job | None) -> None:
         super().__init__("yielded")
@@ -148,6 +150,7 @@ class JobRunner:
         coalesce_window: float = 0.0,
         coalesce_tokens: int = 1,
         log_ttl: float = 600.0,
+        migration_limit: int = 3,
     ) -> None:
         self.worker = worker
         self.stats = stats or WorkerStats()
@@ -165,6 +168,9 @@ class JobRunner:
         self._coalesce_tokens = coalesce_tokens
         self._log_ttl_ms = int(log_ttl * 1000)
         self._emit = client.register_script(eventlog.EMIT)
+        self._migration_limit = migration_limit
+        # When a stopping worker's running jobs give their slots up (drain).
+        self._drain_at: float | None = None
         # Ids of the jobs this process runs now: tells our own claim, applied before its reply was lost,
         # from a duplicate delivery of a job that runs here already.
         self._active: set[str] = set()
@@ -249,10 +255,11 @@ class JobRunner:
         """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
         engine = self._models.get(job.model)
         started = time.monotonic()
+        request, before = self._continuation(job, engine)
         progress = self.liveness.started(job.model)
-        outputs = engine.generate(to_generation_request(job))
+        outputs = engine.generate(request)
         try:
-            g = self._decode(job, channel, engine, outputs, progress.tick, started)
+            g = self._decode(job, channel, engine, outputs, progress.tick, started, before)
         finally:
             # On every way out (the end, an engine error, a cancel, a preemption, Redis failing under a
             # publish or a poll), before anything else can wait: the engine is free for the next job.
@@ -267,15 +274,19 @@ class JobRunner:
         reason = last.finish_reason or "stop"
         # Only a stop string ends a job with one; a record field cannot hold None, so it is left out.
         stop = {"stop_sequence": last.stop_sequence} if last.stop_sequence is not None else {}
-        text = "".join(g.parts)
+        # The whole answer, and its usage as the request sees it: a continued one's earlier text is its own
+        # output, not part of its prompt.
+        text = before.text + "".join(g.parts)
+        prompt_tokens = first.prompt_tokens - before.tokens
+        completion_tokens = before.tokens + last.completion_tokens
         decode = time.monotonic() - g.first_token_at if g.first_token_at is not None else 0.0
         self._finish(
             job,
             JobState.CANCELLED if reason == "cancelled" else JobState.DONE,
             text=text,
             finish_reason=reason,
-            prompt_tokens=first.prompt_tokens,
-            completion_tokens=last.completion_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             cached_tokens=last.cached_tokens,
             **stop,
         )
@@ -284,8 +295,8 @@ class JobRunner:
             events.Finished(
                 attempt=job.attempt,
                 finish_reason=reason,
-                prompt_tokens=first.prompt_tokens,
-                completion_tokens=last.completion_tokens,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 cached_tokens=last.cached_tokens,
                 stop_sequence=last.stop_sequence,
                 text=None if job.stream else text,
@@ -295,6 +306,20 @@ class JobRunner:
         # After the client has its answer: its next turn cannot be routed before this ran anyway.
         self._record_prefix(job, text)
         return last.completion_tokens, decode
+
+    def _continuation(self, job: Job, engine: Engine) -> tuple[GenerationRequest, migration.Continued]:
+        """The job's engine request; a stream that moved here continues what its earlier attempts sent."""
+        request = to_generation_request(job)
+        if not job.stream or job.attempt == 1:
+            return request, migration.NOTHING
+        before, moves = self._durably(f"read {job.id}'s log", lambda: migration.sent_before(self._r, job))
+        return migration.continuing(request, engine, before, moves, self._migration_limit)
+
+    def drain(self, grace: float) -> None:
+        """Stop taking time for the running jobs: ``grace`` seconds from now, each still running gives its
+        slot up and goes back to its model's queue as its next attempt (a stream continues on the next
+        worker where it stopped here). For a worker asked to stop (SIGTERM)."""
+        self._drain_at = time.monotonic() + grace
 
     def _record_prefix(self, job: Job, reply: str) -> None:
         """Tell affinity routing that this worker's engine holds the job's prompt and reply now. Routing
@@ -315,6 +340,7 @@ class JobRunner:
         outputs: Iterator[Output],
         tick: Callable[[], None],
         started: float,
+        before: migration.Continued,
     ) -> _Generated:
         """The engine loop: every output becomes progress, a delta for a stream, and text for the record."""
         first_token_at: float | None = None
@@ -322,7 +348,12 @@ class JobRunner:
         tick()
         self._publish(
             channel,
-            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=first.prompt_tokens),
+            events.Started(
+                attempt=job.attempt,
+                worker=self.worker,
+                prompt_tokens=first.prompt_tokens - before.tokens,
+                continues=len(before.text),
+            ),
         )
         parts: list[str] = []
         logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
@@ -430,6 +461,10 @@ class JobRunner:
                     watch.lost = True
                 if state in (None, JobState.CANCELLED):
                     abort(job.id)
+            if self._drain_at is not None and now >= self._drain_at and not watch.yielded:
+                logger.info("job %s: this worker stops; the job moves to another", job.id)
+                watch.yielded = True
+                abort(job.id)
             if may_yield and not watch.yielded and now >= next_yield_poll:
                 next_yield_poll = now + self._preempt_poll
                 busy, loaded = self.stats.snapshot().in_flight, self._models.loaded()

@@ -238,6 +238,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         coalesce_window=settings.stream_coalesce_ms / 1000,
         coalesce_tokens=settings.stream_coalesce_tokens,
         log_ttl=settings.stream_log_ttl,
+        migration_limit=settings.stream_migration_limit,
     )
     rt = WorkerRuntime(
         name=name,
@@ -272,6 +273,12 @@ def start_heartbeat(app: Celery, runtime: WorkerRuntime, consumer: Any) -> None:
     runtime.heartbeat.beat()
     runtime.heartbeat.start()
     logger.info("worker %s serving %s", runtime.name, ", ".join(runtime.models.loaded()))
+
+
+def drain_runtime(grace: float) -> None:
+    """The worker was asked to stop: its running jobs move to other workers after ``grace`` seconds."""
+    if _runtime is not None:
+        _runtime.runner.drain(grace)
 
 
 def stop_runtime() -> None:

@@ -36,7 +36,7 @@ def generate(job: dict[str, Any]) -> None:
     with rt.models.using(parsed.model):
         again = rt.runner.run(parsed)
     if again is not None:
-        # A batch line gave its slot to an interactive request: back to its model's shared queue, behind
-        # the interactive requests, as its next attempt (listed as unsent by yield_slot until now).
+        # A batch line gave its slot to an interactive request, or this worker stops (drain): back to its
+        # model's shared queue as its next attempt (listed as unsent by yield_slot until now).
         enqueue(app, again)
         rt.store.sent(again)

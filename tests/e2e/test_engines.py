@@ -414,3 +414,45 @@ def test_mixed_fleet_lists_each_workers_engine_and_platform(mixed: tuple[Fleet, 
     listed = httpx.get(f"{fleet.base_url}/v1/system/workers").json()["data"]
     assert {w["name"]: w["engine"] for w in listed} == engines
     assert all(w["platform"] for w in listed)
+
+
+def test_a_stream_moves_to_another_engine_when_its_worker_dies(mixed: tuple[Fleet, dict[str, str]]) -> None:
+    # Last in this module: it kills the fleet's llama.cpp worker. The next attempt runs on a worker of another
+    # engine, which continues the text already sent (workers/migration.py): the client's one stream is the
+    # job's whole answer, with nothing repeated and no gap.
+    fleet, engines = mixed
+    victim = "mixed-llamacpp"
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
+        "max_tokens": 120,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    url, data = f"{fleet.base_url}/v1/chat/completions", list[str]()
+    for _ in range(2 * len(engines)):  # round robin: the llama.cpp worker's turn comes
+        with httpx.stream(
+            "POST", url, json=body, headers={"x-inferq-routing": "round_robin"}, timeout=120
+        ) as r:
+            if r.headers["x-inferq-worker"] != victim:
+                continue  # leaving cancels it
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    if len(data) == 10:
+                        fleet.kill_worker(victim)
+            break
+    assert data, "the llama.cpp worker never got the stream"
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert not [c for c in chunks if "error" in c], chunks[-1]
+    sent = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    client = redis.Redis.from_url(fleet.redis_url)
+    try:
+        record = {text(k): text(v) for k, v in client.hgetall(keys.job_key(chunks[0]["id"])).items()}
+    finally:
+        client.close()
+    assert record["state"] == "done" and int(record["attempt"]) >= 2, record
+    assert engines[record["worker"]] != "llamacpp", record
+    assert sent == record["text"] and len(sent) > 100

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from engines.scripted import WORDS
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing._codec import text
@@ -124,5 +125,70 @@ def test_sigterm_of_a_busy_worker_finishes_its_job_then_leaves(fleet: Fleet) -> 
         listed = httpx.get(f"{fleet.base_url}/v1/system/workers", params={"stale": "true"}).json()["data"]
         assert [w["name"] for w in listed] == [spare]
         assert "Warm shutdown" in fleet.log(victim)
+    finally:
+        r.close()
+
+
+DRAIN_GRACE = 1.0
+
+
+@pytest.fixture
+def draining(tmp_path: Path) -> Iterator[Fleet]:
+    # Workers that, asked to stop, let a running job go on for DRAIN_GRACE seconds only.
+    catalog = tmp_path / "models.yaml"
+    write_catalog(catalog)
+    server = RedisServer()
+    f = Fleet(
+        server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog), INFERQ_WORKER_DRAIN_GRACE=str(DRAIN_GRACE)
+    )
+    try:
+        f.start_api()
+        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
+        for name in WORKERS:
+            f.start_worker(name, "scripted", wait=False, args=["--engine", "scripted"], env=env)
+        for name in WORKERS:
+            f.wait_listed(name)
+        yield f
+    finally:
+        f.close()
+        server.stop()
+
+
+def test_sigterm_past_the_drain_grace_moves_a_stream_to_another_worker(draining: Fleet) -> None:
+    tokens = 5 * SPEED  # 5 s of generation, more than the grace
+    r = redis.Redis.from_url(draining.redis_url)
+    try:
+        got: dict[str, object] = {}
+        client = threading.Thread(target=stream, args=(draining.base_url, tokens, got))
+        client.start()
+        deadline = time.monotonic() + 15
+        busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
+        while not busy:
+            assert time.monotonic() < deadline, "no worker started the job"
+            time.sleep(0.02)
+            busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
+        (victim,) = busy
+        (spare,) = set(WORKERS) - {victim}
+        (job,) = (text(m) for m in r.smembers(keys.worker_jobs_key(victim)))
+        time.sleep(0.5)
+        proc = draining.workers[victim]
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        # The job moves once the grace is over: the spare worker runs its next attempt.
+        while r.hget(keys.job_key(job), "worker") != spare.encode():
+            assert time.monotonic() - stopped < DRAIN_GRACE + 3, r.hgetall(keys.job_key(job))
+            time.sleep(0.05)
+        assert proc.wait(timeout=20) == 0, draining.log(victim)[-3000:]
+        draining.workers.pop(victim)
+
+        client.join(timeout=30)
+        assert not client.is_alive(), "the stream did not end"
+        # One stream, whole: the spare worker went on where the stopped one was.
+        assert "error" not in got, got
+        assert (got["status"], got["finish_reason"], got.get("done")) == (200, "length", True), got
+        assert got["text"] == "".join(" " + WORDS[i % len(WORDS)] for i in range(1, tokens + 1)), got
+        rec = {text(k): text(v) for k, v in r.hgetall(keys.job_key(job)).items()}
+        assert (rec["state"], rec["attempt"], rec["worker"]) == ("done", "2", spare), rec
+        assert rec["completion_tokens"] == str(tokens), rec
     finally:
         r.close()
