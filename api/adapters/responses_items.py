@@ -4,7 +4,6 @@ outputs, and a compaction (the summary ``/v1/responses/compact`` wrote) in place
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from typing import Any
 
@@ -45,7 +44,7 @@ def context_items(previous: StoredResponse | None, new: str | list[InputItem]) -
 def summary_of(item: CompactionItem) -> str:
     try:
         raw = base64.b64decode(item.encrypted_content, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII at all, not UTF-8 once decoded
         raw = ""
     doc = None
     if raw.startswith(COMPACTION_PREFIX):

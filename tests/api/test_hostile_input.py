@@ -362,8 +362,12 @@ def test_json_inside_strings_is_parsed_safely(http: TestClient, fleet: redis.Red
     """Strings the server itself parses as JSON (a compaction item, earlier tool-call arguments) may nest
     any depth: the body limit cannot see inside a string."""
     deep = DEEP.decode()
-    for content in (COMPACTION_PREFIX + deep, COMPACTION_PREFIX + "[1]"):
-        item = {"type": "compaction", "encrypted_content": base64.b64encode(content.encode()).decode()}
+    encoded = [
+        base64.b64encode(c.encode()).decode() for c in (COMPACTION_PREFIX + deep, COMPACTION_PREFIX + "[1]")
+    ]
+    # Not base64 at all: characters outside ASCII (a fuzzer found this one a 500), and bytes not UTF-8.
+    for content in (*encoded, "\xff\u00e9\U0001f600", base64.b64encode(b"\xff\xfe").decode()):
+        item = {"type": "compaction", "encrypted_content": content}
         r = http.post("/v1/responses", json={"model": MODEL, "input": [item]})
         _, param, code = refusal(r, "/v1/responses")
         assert (param, code) == ("input", "invalid_encrypted_content")
