@@ -37,7 +37,14 @@ def fleet2(catalog_file: Path, tmp_path: Path) -> Iterator[Fleet]:
     server = RedisServer()
     # No reconnect grace: a client that leaves a stream cancels its job at once (the tests of leaving measure
     # that; resuming, with the grace, is tests/e2e/test_resume.py).
-    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog_file), INFERQ_STREAM_RECONNECT_GRACE="0")
+    # A worker told to stop lets a running job go on for 1 s, then the job moves.
+    f = Fleet(
+        server.url,
+        tmp_path,
+        INFERQ_MODELS_FILE=str(catalog_file),
+        INFERQ_STREAM_RECONNECT_GRACE="0",
+        INFERQ_WORKER_DRAIN_GRACE="1",
+    )
     try:
         f.start_api()
         f.start_worker("a")
@@ -105,9 +112,11 @@ def test_killed_worker_job_completes_on_another(fleet2: Fleet) -> None:
     assert victim not in fleet2.listed_workers()
 
 
-def _stream(f: Fleet, payload: dict[str, object], kill_after: int | None = None) -> tuple[list[str], str]:
+def _stream(
+    f: Fleet, payload: dict[str, object], kill_after: int | None = None, sig: int = signal.SIGKILL
+) -> tuple[list[str], str]:
     """The data lines of a streamed chat completion and the worker that started it; with ``kill_after``, that
-    worker is killed (SIGKILL) once so many lines arrived."""
+    worker is sent ``sig`` once so many lines arrived (and waited for until it exits)."""
     data: list[str] = []
     with httpx.stream("POST", f"{f.base_url}/v1/chat/completions", json=payload, timeout=90) as resp:
         first = resp.headers["x-inferq-worker"]
@@ -115,7 +124,7 @@ def _stream(f: Fleet, payload: dict[str, object], kill_after: int | None = None)
             if line.startswith("data: "):
                 data.append(line[6:])
                 if len(data) == kill_after:
-                    f.kill_worker(first)
+                    f.kill_worker(first, sig)
     return data, first
 
 
@@ -145,6 +154,28 @@ def test_stream_whose_worker_dies_continues_on_another_worker(fleet2: Fleet) -> 
     assert "finish_reason" in data[-2] and json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
     assert "re-queued job" in fleet2.log(survivor)
     assert redis.Redis.from_url(fleet2.redis_url).exists(keys.worker_key(victim)) == 0
+
+
+def test_stream_whose_worker_is_stopped_moves_after_the_drain_grace(fleet2: Fleet) -> None:
+    # SIGTERM: the worker lets its running job go on for INFERQ_WORKER_DRAIN_GRACE (1 s in this fleet), then
+    # the job moves to the other worker, which continues the stream where it stopped.
+    payload = {
+        "model": MODEL,
+        "messages": STORY,
+        "max_tokens": 300,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    whole, _ = _stream(fleet2, payload)
+    data, victim = _stream(fleet2, payload, kill_after=20, sig=signal.SIGTERM)
+    survivor = ({"a", "b"} - {victim}).pop()
+    assert data[-1] == "[DONE]"
+    assert _content(data) == _content(whole)
+    job = json.loads(data[0])["id"]
+    record = redis.Redis.from_url(fleet2.redis_url).hgetall(keys.job_key(job))
+    assert (record[b"attempt"], record[b"worker"]) == (b"2", survivor.encode()), record
+    assert "this worker stops; the job moves to another" in fleet2.log(victim)
 
 
 def test_clean_shutdown_deregisters_at_once(fleet2: Fleet) -> None:
