@@ -20,10 +20,9 @@ from engines.base import (
     GenerationRequest,
     Output,
     TokenCounter,
-    TokenLogprob,
     UnsupportedRequest,
 )
-from queueing import eventlog, events
+from queueing import events
 from queueing.affinity import Recorder
 from queueing.eventlog import Channel
 from queueing.events import ErrorCode
@@ -31,48 +30,15 @@ from queueing.jobs import Job, JobState
 from queueing.jobstore import JobStore
 from workers import migration
 from workers.coalesce import Coalescer
+from workers.engine_io import close_outputs, to_generation_request, wire_logprobs
 from workers.liveness import Liveness
 from workers.models import ModelManager, ModelNotLoaded
+from workers.outbox import Outbox
 from workers.preempt import Preemption
 from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# What Redis raises while it is unreachable (down, restarting, frozen): worth waiting out. Anything else
-# (a script error) is a bug and fails the job.
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
-
-
-def to_generation_request(job: Job) -> GenerationRequest:
-    s = job.sampling
-    return GenerationRequest(
-        request_id=job.id,
-        messages=[m.model_dump() for m in job.messages],
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        stop=s.stop,
-        seed=s.seed,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        ignore_eos=s.ignore_eos,
-        prompt=job.prompt if job.kind == "completion" else None,
-        json_schema=s.json_schema,
-        logprobs=s.logprobs,
-    )
-
-
-def _wire_logprobs(items: list[TokenLogprob]) -> list[events.TokenLogprob]:
-    return [
-        events.TokenLogprob(
-            token=t.token,
-            logprob=t.logprob,
-            top=[events.TopLogprob(token=tok, logprob=lp) for tok, lp in t.top],
-        )
-        for t in items
-    ]
 
 
 @dataclass
@@ -101,32 +67,6 @@ class Yielded(Exception):
     def __init__(self, again: Job | None) -> None:
         super().__init__("yielded")
         self.again = again
-
-
-def close_outputs(outputs: Iterator[Output]) -> None:
-    """End an engine's generation now, wherever its consumer stopped reading. A generator left suspended
-    keeps what it holds: llama.cpp's and MLX's engine lock (every later job of the engine would wait for it
-    forever), vLLM's sequence in the batch. Garbage collection would close it only once nothing refers to
-    it, and an exception's traceback (kept by a logger or by Celery) refers to it for as long as it lives."""
-    close = getattr(outputs, "close", None)
-    if close is not None:
-        close()
-
-
-class _Away:
-    """Whether Redis was found unreachable a moment ago. While it is, the calls a job can do without (an
-    event published, a cancel poll) are skipped rather than each waiting out its own timeout, so that a
-    generation keeps its pace through an outage; the first call after the pause tries Redis again."""
-
-    def __init__(self, pause: float = 1.0) -> None:
-        self._pause = pause
-        self._until = 0.0
-
-    def now(self) -> bool:
-        return time.monotonic() < self._until
-
-    def found(self) -> None:
-        self._until = time.monotonic() + self._pause
 
 
 class RecordLost(Exception):
@@ -161,13 +101,10 @@ class JobRunner:
         self._cancel_poll = cancel_poll_seconds
         self._preemption = preemption
         self._preempt_poll = preempt_poll_seconds
-        self._record_retry = record_retry_seconds
-        self._away = _Away()
+        self._out = Outbox(client, record_retry_seconds, log_ttl)
         self._prefixes = prefixes
         self._coalesce_window = coalesce_window
         self._coalesce_tokens = coalesce_tokens
-        self._log_ttl_ms = int(log_ttl * 1000)
-        self._emit = client.register_script(eventlog.EMIT)
         self._migration_limit = migration_limit
         # When a stopping worker's running jobs give their slots up (drain).
         self._drain_at: float | None = None
@@ -195,11 +132,11 @@ class JobRunner:
                 return False
             self._active.add(job.id)
         try:
-            if self._durably(f"claim {job.id}", lambda: self._store.claim(job, self.worker)):
+            if self._out.durably(f"claim {job.id}", lambda: self._store.claim(job, self.worker)):
                 return True
             # A claim applied by Redis whose reply was lost (and retried) reads as refused; the record says
             # whether it is ours, and no thread of this process runs the job.
-            ours = self._durably(f"read {job.id}", lambda: self._store.runs_on(job, self.worker))
+            ours = self._out.durably(f"read {job.id}", lambda: self._store.runs_on(job, self.worker))
         except BaseException:
             with self._active_lock:
                 self._active.discard(job.id)
@@ -239,7 +176,7 @@ class JobRunner:
             # Stopped; a client still listening hears why its stream ends here.
             message = "The job's record was lost (Redis restarted without its data); it was stopped."
             lost = events.Failed(attempt=job.attempt, code=ErrorCode.INTERNAL, message=message)
-            self._publish(channel, lost)
+            self._out.publish(channel, lost)
         except Exception as exc:
             # Whatever broke, the waiting client must hear of it rather than wait for its timeout.
             logger.exception("job %s failed", job.id)
@@ -270,7 +207,9 @@ class JobRunner:
             raise RecordLost(job.id)
         if g.watch.yielded and last.finish_reason == "cancelled":
             # (A line that ended on its own before the abort took effect is finished below as usual.)
-            raise Yielded(self._durably(f"yield {job.id}", lambda: self._store.yield_slot(job, self.worker)))
+            raise Yielded(
+                self._out.durably(f"yield {job.id}", lambda: self._store.yield_slot(job, self.worker))
+            )
         reason = last.finish_reason or "stop"
         # Only a stop string ends a job with one; a record field cannot hold None, so it is left out.
         stop = {"stop_sequence": last.stop_sequence} if last.stop_sequence is not None else {}
@@ -290,7 +229,7 @@ class JobRunner:
             cached_tokens=last.cached_tokens,
             **stop,
         )
-        self._publish(
+        self._out.publish(
             channel,
             events.Finished(
                 attempt=job.attempt,
@@ -312,7 +251,7 @@ class JobRunner:
         request = to_generation_request(job)
         if not job.stream or job.attempt == 1:
             return request, migration.NOTHING
-        before, moves = self._durably(f"read {job.id}'s log", lambda: migration.sent_before(self._r, job))
+        before, moves = self._out.durably(f"read {job.id}'s log", lambda: migration.sent_before(self._r, job))
         return migration.continuing(request, engine, before, moves, self._migration_limit)
 
     def drain(self, grace: float) -> None:
@@ -324,12 +263,12 @@ class JobRunner:
     def _record_prefix(self, job: Job, reply: str) -> None:
         """Tell affinity routing that this worker's engine holds the job's prompt and reply now. Routing
         works without it (a worse guess), so a Redis error here is logged, never the job's failure."""
-        if self._prefixes is None or self._away.now():
+        if self._prefixes is None or self._out.away():
             return
         try:
             self._prefixes.record(job, reply)
         except redis.RedisError as exc:
-            self._away.found()
+            self._out.found_away()
             logger.warning("job %s: prefix not recorded for affinity routing: %r", job.id, exc)
 
     def _decode(
@@ -346,7 +285,7 @@ class JobRunner:
         first_token_at: float | None = None
         first = next(outputs)
         tick()
-        self._publish(
+        self._out.publish(
             channel,
             events.Started(
                 attempt=job.attempt,
@@ -363,7 +302,7 @@ class JobRunner:
         for out in self._watch(job, engine.abort, outputs, watch):
             tick()
             last = out
-            step_logprobs = _wire_logprobs(out.logprobs) if out.logprobs else None
+            step_logprobs = wire_logprobs(out.logprobs) if out.logprobs else None
             if out.text:
                 if first_token_at is None:
                     first_token_at = time.monotonic()
@@ -384,7 +323,7 @@ class JobRunner:
     def _publish_delta(
         self, channel: Channel, job: Job, text: str, logprobs: list[events.TokenLogprob] | None
     ) -> None:
-        self._publish(
+        self._out.publish(
             channel, events.Delta(attempt=job.attempt, text=text, logprobs=logprobs), droppable=True
         )
 
@@ -394,7 +333,7 @@ class JobRunner:
             raise UnsupportedRequest(f"The {engine.name} engine of `{job.model}` cannot embed.", "model")
         # No tokens are generated: nothing to add to the speed averages that routing reads.
         result = engine.embed(job.inputs)
-        self._publish(
+        self._out.publish(
             channel,
             events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=result.prompt_tokens),
         )
@@ -407,7 +346,7 @@ class JobRunner:
             prompt_tokens=result.prompt_tokens,
             completion_tokens=0,
         )
-        self._publish(
+        self._out.publish(
             channel,
             events.Finished(
                 attempt=job.attempt,
@@ -430,9 +369,11 @@ class JobRunner:
                 tokens = next(outputs).prompt_tokens
             finally:
                 close_outputs(outputs)
-        self._publish(channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=tokens))
+        self._out.publish(
+            channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=tokens)
+        )
         self._finish(job, JobState.DONE, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
-        self._publish(
+        self._out.publish(
             channel,
             events.Finished(
                 attempt=job.attempt, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0
@@ -455,7 +396,7 @@ class JobRunner:
                 next_poll = now + self._cancel_poll
                 # While Redis is away the job is taken to be still wanted.
                 assumed: JobState | None = JobState.RUNNING
-                state = self._maybe(partial(self._store.state, job.id), assumed)
+                state = self._out.maybe(partial(self._store.state, job.id), assumed)
                 if state is None and not watch.lost:
                     logger.warning("job %s lost its record (Redis lost its data); stopping it", job.id)
                     watch.lost = True
@@ -469,64 +410,17 @@ class JobRunner:
                 next_yield_poll = now + self._preempt_poll
                 busy, loaded = self.stats.snapshot().in_flight, self._models.loaded()
                 wanted = self._preemption and partial(self._preemption.wanted, job, loaded, busy)
-                if wanted and self._maybe(wanted, False):
+                if wanted and self._out.maybe(wanted, False):
                     watch.yielded = True
                     abort(job.id)
 
     def _fail(self, job: Job, channel: Channel, code: ErrorCode, message: str, param: str | None) -> None:
         self._finish(job, JobState.FAILED, error=message, error_code=code.value)
-        self._publish(channel, events.Failed(attempt=job.attempt, code=code, message=message, param=param))
-
-    # -- Redis, which may be away for a while -----------------------------------------------------------
+        self._out.publish(
+            channel, events.Failed(attempt=job.attempt, code=code, message=message, param=param)
+        )
 
     def _finish(self, job: Job, state: JobState, **result: str | int) -> None:
         """Write the job's end into its record. The record is what the API delivers from (a lost Finished
         event is rebuilt from it), so a job that ended while Redis was away waits for Redis, bounded."""
-        self._durably(f"finish {job.id}", lambda: self._store.finish(job, self.worker, state, **result))
-
-    def _durably(self, what: str, action: Callable[[], T]) -> T:
-        """``action`` retried while Redis is unreachable, for at most ``record_retry_seconds``."""
-        deadline = time.monotonic() + self._record_retry
-        pause, warned = 0.05, False
-        while True:
-            try:
-                return action()
-            except UNREACHABLE as exc:
-                if time.monotonic() + pause > deadline:
-                    raise
-                if not warned:
-                    logger.warning("%s: Redis unreachable (%s); retrying until it is back", what, exc)
-                    warned = True
-                self._away.found()
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-
-    def _maybe(self, action: Callable[[], T], default: T) -> T:
-        """``action``, or ``default`` when Redis is away: for calls a job can go on without."""
-        if self._away.now():
-            return default
-        try:
-            return action()
-        except UNREACHABLE as exc:
-            logger.warning("Redis unreachable (%s); the running jobs go on without it", exc)
-            self._away.found()
-            return default
-
-    def _publish(self, channel: Channel, event: events.AnyEvent, droppable: bool = False) -> None:
-        """Pub/sub is at-most-once and the API replays what it missed from the job record, so an event
-        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away. A
-        stream's event goes into its log in the same script (a resumed stream reads it there)."""
-        if droppable and self._away.now():
-            return
-        payload = events.encode(event)
-        try:
-            if channel.log is None:
-                self._r.publish(channel.name, payload)
-            else:
-                self._emit(
-                    keys=[channel.log, channel.name],
-                    args=[channel.next_id(), payload, eventlog.MAX_EVENTS, self._log_ttl_ms],
-                )
-        except UNREACHABLE as exc:
-            logger.warning("dropped a %s event of %s: Redis unreachable (%s)", event.type, channel.name, exc)
-            self._away.found()
+        self._out.durably(f"finish {job.id}", lambda: self._store.finish(job, self.worker, state, **result))

@@ -11,7 +11,7 @@ import pytest
 
 from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
 from tests import _engines
-from workers.runner import close_outputs
+from workers.engine_io import close_outputs
 
 llamacpp = _engines.import_engine("llamacpp", "engines.llamacpp")
 Jinja2ChatFormatter = _engines.import_engine("llamacpp", "llama_cpp.llama_chat_format").Jinja2ChatFormatter
