@@ -307,7 +307,9 @@ def read_stream(status: int, body: bytes, tally: Tally) -> None:
     if status != 200:
         tally.errors[f"status {status}"] += 1
         return
-    events = [e for e in _EVENT_END.split(body) if e.startswith(b"data: ")]
+    # Each event's data line (inferq's also carry an ``id:`` line, for resuming).
+    lines = (line for e in _EVENT_END.split(body) for line in e.splitlines())
+    events = [line for line in lines if line.startswith(b"data: ")]
     if b'"error":' in body:
         tally.errors["error event"] += 1
     elif len(events) < 4 or events[-1] != b"data: [DONE]":
