@@ -121,29 +121,29 @@ class JobRun:
     async def _next(self, wait: float) -> tuple[events.Event | None, bool]:
         """The next event: logged (a backlog's), live, or rebuilt by the watchdog when none came within
         ``wait``; None when there is none yet. And whether a worker sent it (rather than the watchdog)."""
-        if self.backlog:
+        live = not self.backlog
+        if not live:
             raw = self.backlog.popleft()
         else:
             got = await self.sub.get(wait)
             if got is None:
                 return await self._look(), False
-            if await self._lost_before(got):
-                return None, False
             raw = got
         at, body = eventlog.split(raw)
+        if at is not None and live and await self._lost_before(at, raw):
+            return None, False
         if at is not None:
             if at <= self.position:
                 return None, True  # taken already: a replayed event's live copy
             self.position = at
         return events.decode(body), True
 
-    async def _lost_before(self, raw: bytes) -> bool:
-        """Whether pub/sub lost logged events before ``raw`` (their ids run on, one by one, within an
-        attempt; a new attempt starts at 1). Then what the log holds from our position on goes to the
+    async def _lost_before(self, at: EventId, raw: bytes) -> bool:
+        """Whether pub/sub lost logged events before ``raw`` (id ``at``; ids run on, one by one, within an
+        attempt, and a new attempt starts at 1). Then what the log holds from our position on goes to the
         backlog, ``raw`` included, and True: the caller takes it from there."""
-        at, _ = eventlog.split(raw)
         here = self.position
-        if not self.logged or at is None or at <= here or (at.n == here.n + 1 and at.attempt == here.attempt):
+        if not self.logged or at <= here or (at.n == here.n + 1 and at.attempt == here.attempt):
             return False
         if at.n == 1 and at.attempt > here.attempt and not self._sent:
             return False  # a new attempt, and nothing of the old one reached the client: nothing to miss

@@ -18,6 +18,7 @@ from celery import Celery
 from api import errors
 from api.control import FleetControl
 from api.jobrun import JobRun
+from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
 from api.streams import StreamHub
 from queueing import eventlog, registry
@@ -113,6 +114,8 @@ class Dispatcher:
         # Whether a stream whose worker died after sending text waits for the next attempt to continue it.
         self.migrates = settings.stream_migration_limit > 0
         self.store = AsyncJobStore(client)
+        # Streamed jobs whose client left, cancelled after the reconnect grace (api/reconnect.py).
+        self.leaving = ReconnectGrace(client, self.store)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
         fresh = 2 * settings.heartbeat_interval
         self.router = Router(
@@ -170,10 +173,12 @@ class Dispatcher:
             if not live:
                 await self._submit(job, workers or await self.candidates(job.model, limits), options, limits)
             backlog = await eventlog.read_after(self.client, job.id, START) if options.replay else []
-            jr = JobRun(self, job, sub, disconnected, limits, attempt=job.attempt, backlog=deque(backlog))
             # Followed from the middle (a batch line or background response taken over): what it missed
             # before is its own business, not a gap to fill from the log.
-            jr.logged = job.stream and (options.replay or not options.resume)
+            logged = job.stream and (options.replay or not options.resume)
+            jr = JobRun(
+                self, job, sub, disconnected, limits, job.attempt, backlog=deque(backlog), logged=logged
+            )
             try:
                 yield jr
             finally:
@@ -184,7 +189,7 @@ class Dispatcher:
                     # what the client must see, and a stream still owes it the error event and sentinel.
                     try:
                         if options.reconnect_grace > 0 and job.stream:
-                            await asyncio.shield(self.store.cancel_later(job.id, options.reconnect_grace))
+                            await asyncio.shield(self.leaving.left(job.id, options.reconnect_grace))
                         else:
                             await asyncio.shield(self.store.cancel(job.id))
                     except redis.RedisError as exc:

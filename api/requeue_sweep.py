@@ -1,7 +1,7 @@
 """Every API process sends again the jobs a dead process made queued but never sent (the unsent ledger of
 queueing/recovery.py), so a stranded job is found even while no worker beats: it waits on its model's
 queue for the next worker instead of until its request times out. The same pass cancels the streamed jobs
-whose client left and did not resume within its reconnect grace."""
+whose client left and did not resume within its reconnect grace (api/reconnect.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aredis
 from celery import Celery
 
+from api.reconnect import ReconnectGrace
 from api.tasks import cancel_and_wait
 from queueing.celery_app import enqueue
 from queueing.jobstore import AsyncJobStore
@@ -25,6 +26,7 @@ class RequeueSweep:
         self, client: aredis.Redis, celery: Celery, interval: float, age: float = RESEND_AFTER_SECONDS
     ) -> None:
         self._store = AsyncJobStore(client)
+        self._leaving = ReconnectGrace(client, self._store)
         self._celery = celery
         self._interval = interval
         self._age = age
@@ -49,7 +51,7 @@ class RequeueSweep:
             await self._store.sent(job)
             resent.append(job.id)
         # The streams whose client left and did not come back within its grace (api/resume.py).
-        for job_id in await self._store.cancel_due():
+        for job_id in await self._leaving.cancel_due():
             logger.info("job %s: its client did not come back; cancelled", job_id)
         return resent
 

@@ -181,22 +181,6 @@ end
 return 0
 """
 
-# KEYS: the cancel-after set. ARGV: job id, grace ms. A streamed job whose client left, due for cancelling.
-_CANCEL_LATER = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[1])
-"""
-
-# KEYS: the cancel-after set. ARGV: most to take. Takes the due ones off the set, so each is cancelled once
-# whichever API process sweeps.
-_DUE_CANCELS = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-return due
-"""
-
 
 class JobRecord(BaseModel):
     """A job's record as the API reads it back: where it stands and, once it ended, its result."""
@@ -355,8 +339,6 @@ class AsyncJobStore:
         self._retention_ms = _retention_ms(retention)
         self._cancel = client.register_script(_CANCEL)
         self._sweep = client.register_script(_SWEEP_UNSENT)
-        self._cancel_later = client.register_script(_CANCEL_LATER)
-        self._due_cancels = client.register_script(_DUE_CANCELS)
 
     async def create(self, job: Job, ttl: float | None = None, track_send: bool = False) -> None:
         """Write the record of a new job. With ``track_send`` the job is also listed as unsent, in the same
@@ -401,18 +383,3 @@ class AsyncJobStore:
 
     async def cancel(self, job_id: str) -> bool:
         return bool(await self._cancel(keys=[keys.job_key(job_id)], args=[self._retention_ms]))
-
-    async def cancel_later(self, job_id: str, grace: float) -> None:
-        """Cancel the job ``grace`` seconds from now (its streaming client left and may come back)."""
-        await self._cancel_later(keys=[keys.CANCEL_AFTER], args=[job_id, int(grace * 1000)])
-
-    async def came_back(self, job_id: str) -> None:
-        """Its client resumed the stream: the job is no longer due for cancelling."""
-        await self._r.zrem(keys.CANCEL_AFTER, job_id)
-
-    async def cancel_due(self, limit: int = 100) -> list[str]:
-        """Cancels the jobs whose grace ran out; their ids."""
-        due = [text(j) for j in await self._due_cancels(keys=[keys.CANCEL_AFTER], args=[limit])]
-        for job_id in due:
-            await self.cancel(job_id)
-        return due

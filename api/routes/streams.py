@@ -52,7 +52,7 @@ async def resume_stream(
         # Its client stayed away past the reconnect grace, or its record expired: following it would mean
         # generating it anew, and the text already sent would not match.
         raise _gone(stream_id, "its job was cancelled or has expired.")
-    await dispatcher.store.came_back(stream_id)
+    await dispatcher.leaving.came_back(stream_id)
     options = RunOptions(resume=True, replay=True, reconnect_grace=dispatcher.reconnect_grace)
     if kept.protocol == "chat":
         chat_body = ChatCompletionRequest.model_validate(kept.body)

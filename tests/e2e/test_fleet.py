@@ -112,6 +112,17 @@ def test_killed_worker_job_completes_on_another(fleet2: Fleet) -> None:
     assert victim not in fleet2.listed_workers()
 
 
+# A greedy stream long enough to stop its worker in the middle of (300 tokens, about 5 s on one thread).
+LONG_STREAM = {
+    "model": MODEL,
+    "messages": STORY,
+    "max_tokens": 300,
+    "stream": True,
+    "ignore_eos": True,
+    "temperature": 0,
+}
+
+
 def _stream(
     f: Fleet, payload: dict[str, object], kill_after: int | None = None, sig: int = signal.SIGKILL
 ) -> tuple[list[str], str]:
@@ -137,16 +148,8 @@ def _content(data: list[str]) -> str:
 def test_stream_whose_worker_dies_continues_on_another_worker(fleet2: Fleet) -> None:
     # README (Resuming a stream): a stream whose worker dies mid-answer goes on on another worker, from where
     # it stopped, greedy and byte for byte the answer of a run that nothing interrupted.
-    payload = {
-        "model": MODEL,
-        "messages": STORY,
-        "max_tokens": 300,
-        "stream": True,
-        "ignore_eos": True,
-        "temperature": 0,
-    }
-    whole, _ = _stream(fleet2, payload)
-    data, victim = _stream(fleet2, payload, kill_after=40)
+    whole, _ = _stream(fleet2, LONG_STREAM)
+    data, victim = _stream(fleet2, LONG_STREAM, kill_after=40)
     assert data[-1] == "[DONE]"
     survivor = ({"a", "b"} - {victim}).pop()
     assert _content(data) == _content(whole)
@@ -159,16 +162,8 @@ def test_stream_whose_worker_dies_continues_on_another_worker(fleet2: Fleet) -> 
 def test_stream_whose_worker_is_stopped_moves_after_the_drain_grace(fleet2: Fleet) -> None:
     # SIGTERM: the worker lets its running job go on for INFERQ_WORKER_DRAIN_GRACE (1 s in this fleet), then
     # the job moves to the other worker, which continues the stream where it stopped.
-    payload = {
-        "model": MODEL,
-        "messages": STORY,
-        "max_tokens": 300,
-        "stream": True,
-        "ignore_eos": True,
-        "temperature": 0,
-    }
-    whole, _ = _stream(fleet2, payload)
-    data, victim = _stream(fleet2, payload, kill_after=20, sig=signal.SIGTERM)
+    whole, _ = _stream(fleet2, LONG_STREAM)
+    data, victim = _stream(fleet2, LONG_STREAM, kill_after=20, sig=signal.SIGTERM)
     survivor = ({"a", "b"} - {victim}).pop()
     assert data[-1] == "[DONE]"
     assert _content(data) == _content(whole)

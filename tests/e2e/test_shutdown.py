@@ -32,24 +32,42 @@ TOKENS = 60  # 3 s of generation
 WORKERS = ("s1", "s2")
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    # Its own fleet: one of its workers is stopped.
+def _fleet(tmp_path: Path, **env: str) -> Iterator[Fleet]:
+    """Its own fleet of two scripted workers (one of them is stopped), with ``env`` for every process."""
     catalog = tmp_path / "models.yaml"
     write_catalog(catalog)
     server = RedisServer()
-    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog))
+    f = Fleet(server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog), **env)
     try:
         f.start_api()
-        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
+        speed = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
         for name in WORKERS:
-            f.start_worker(name, "scripted", wait=False, args=["--engine", "scripted"], env=env)
+            f.start_worker(name, "scripted", wait=False, args=["--engine", "scripted"], env=speed)
         for name in WORKERS:
             f.wait_listed(name)
         yield f
     finally:
         f.close()
         server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from _fleet(tmp_path)
+
+
+def busy(r: redis.Redis, timeout: float = 15) -> tuple[str, str, str]:
+    """The worker running the fleet's one job, the other worker, and the job's id."""
+    deadline = time.monotonic() + timeout
+    running = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
+    while not running:
+        assert time.monotonic() < deadline, "no worker started the job"
+        time.sleep(0.02)
+        running = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
+    (victim,) = running
+    (spare,) = set(WORKERS) - {victim}
+    (job,) = (text(m) for m in r.smembers(keys.worker_jobs_key(victim)))
+    return victim, spare, job
 
 
 def stream(base_url: str, max_tokens: int, out: dict[str, object]) -> None:
@@ -86,15 +104,7 @@ def test_sigterm_of_a_busy_worker_finishes_its_job_then_leaves(fleet: Fleet) -> 
         client = threading.Thread(target=stream, args=(fleet.base_url, TOKENS, got))
         client.start()
         # The worker running the job, a second into its three.
-        deadline = time.monotonic() + 15
-        busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
-        while not busy:
-            assert time.monotonic() < deadline, "no worker started the job"
-            time.sleep(0.02)
-            busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
-        (victim,) = busy
-        (spare,) = set(WORKERS) - {victim}
-        (job,) = (text(m) for m in r.smembers(keys.worker_jobs_key(victim)))
+        victim, spare, job = busy(r)
         time.sleep(1.0)
         proc = fleet.workers[victim]
         proc.send_signal(signal.SIGTERM)
@@ -135,23 +145,7 @@ DRAIN_GRACE = 1.0
 @pytest.fixture
 def draining(tmp_path: Path) -> Iterator[Fleet]:
     # Workers that, asked to stop, let a running job go on for DRAIN_GRACE seconds only.
-    catalog = tmp_path / "models.yaml"
-    write_catalog(catalog)
-    server = RedisServer()
-    f = Fleet(
-        server.url, tmp_path, INFERQ_MODELS_FILE=str(catalog), INFERQ_WORKER_DRAIN_GRACE=str(DRAIN_GRACE)
-    )
-    try:
-        f.start_api()
-        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
-        for name in WORKERS:
-            f.start_worker(name, "scripted", wait=False, args=["--engine", "scripted"], env=env)
-        for name in WORKERS:
-            f.wait_listed(name)
-        yield f
-    finally:
-        f.close()
-        server.stop()
+    yield from _fleet(tmp_path, INFERQ_WORKER_DRAIN_GRACE=str(DRAIN_GRACE))
 
 
 def test_sigterm_past_the_drain_grace_moves_a_stream_to_another_worker(draining: Fleet) -> None:
@@ -161,15 +155,7 @@ def test_sigterm_past_the_drain_grace_moves_a_stream_to_another_worker(draining:
         got: dict[str, object] = {}
         client = threading.Thread(target=stream, args=(draining.base_url, tokens, got))
         client.start()
-        deadline = time.monotonic() + 15
-        busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
-        while not busy:
-            assert time.monotonic() < deadline, "no worker started the job"
-            time.sleep(0.02)
-            busy = [n for n in WORKERS if r.scard(keys.worker_jobs_key(n))]
-        (victim,) = busy
-        (spare,) = set(WORKERS) - {victim}
-        (job,) = (text(m) for m in r.smembers(keys.worker_jobs_key(victim)))
+        victim, spare, job = busy(r)
         time.sleep(0.5)
         proc = draining.workers[victim]
         proc.send_signal(signal.SIGTERM)
