@@ -61,7 +61,8 @@ class ScriptedEngine:
         next_at = time.monotonic()
         while produced < min(request.max_tokens, self._n_ctx - prompt):
             next_at += self._seconds_per_token
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            if (wait := next_at - time.monotonic()) > 0:
+                time.sleep(wait)
             if request.request_id in self._aborted:
                 self._aborted.discard(request.request_id)
                 finish = "cancelled"

@@ -29,8 +29,8 @@ class Coalescer:
 
     def add(
         self, text: str, logprobs: list[events.TokenLogprob] | None, now: float
-    ) -> tuple[str, list[events.TokenLogprob] | None] | None:
-        """One engine output; returns what to send now (text and logprobs), or None to wait."""
+    ) -> tuple[str, list[events.TokenLogprob] | None, int] | None:
+        """One engine output; returns what to send now (text, logprobs, tokens), or None to wait."""
         self._text.append(text)
         if logprobs:
             self._logprobs.extend(logprobs)
@@ -40,10 +40,10 @@ class Coalescer:
         self._sent_at = now
         return self.flush()
 
-    def flush(self) -> tuple[str, list[events.TokenLogprob] | None] | None:
+    def flush(self) -> tuple[str, list[events.TokenLogprob] | None, int] | None:
         """What is pending, or None; the stream's end sends it before the finish."""
         if not self._pending:
             return None
-        out = "".join(self._text), self._logprobs or None
+        out = "".join(self._text), self._logprobs or None, self._pending
         self._text, self._logprobs, self._pending = [], [], 0
         return out

@@ -15,8 +15,9 @@ from typing import TypeVar
 
 import redis
 
-from queueing import eventlog, events
+from queueing import events
 from queueing.eventlog import Channel
+from workers.sender import Sender
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,13 +27,19 @@ UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Outbox:
-    def __init__(self, client: redis.Redis, record_retry: float, log_ttl: float, pause: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        record_retry: float,
+        log_ttl: float,
+        most_tokens: int = 64,
+        pause: float = 1.0,
+    ) -> None:
         self._r = client
         self._record_retry = record_retry
-        self._log_ttl_ms = int(log_ttl * 1000)
-        self._emit = client.register_script(eventlog.EMIT)
         self._pause = pause
         self._away_until = 0.0
+        self._sender = Sender(client, int(log_ttl * 1000), most_tokens, UNREACHABLE, self.found_away)
 
     def away(self) -> bool:
         """Whether Redis was found unreachable a moment ago."""
@@ -41,24 +48,31 @@ class Outbox:
     def found_away(self) -> None:
         self._away_until = time.monotonic() + self._pause
 
-    def publish(self, channel: Channel, event: events.AnyEvent, droppable: bool = False) -> None:
+    def publish(
+        self, channel: Channel, event: events.AnyEvent, droppable: bool = False, tokens: int = 0
+    ) -> None:
         """Pub/sub is at-most-once and the API replays what it missed from the job record, so an event
-        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away. A
-        stream's event goes into its log in the same script (a resumed stream reads it there)."""
+        that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away.
+
+        A stream's event goes into its log in the same script (a resumed stream reads it there), through
+        the worker's one sender (workers/sender.py): a droppable event (a delta of ``tokens`` tokens) is
+        handed over and not waited for, any other returns once it and everything before it was sent."""
         if droppable and self.away():
             return
-        payload = events.encode(event)
+        if channel.log is not None:
+            self._sender.send(channel, event, tokens, wait=not droppable)
+            return
         try:
-            if channel.log is None:
-                self._r.publish(channel.name, payload)
-            else:
-                self._emit(
-                    keys=[channel.log, channel.name],
-                    args=[channel.next_id(), payload, eventlog.MAX_EVENTS, self._log_ttl_ms],
-                )
+            self._r.publish(channel.name, events.encode(event))
         except UNREACHABLE as exc:
             logger.warning("dropped a %s event of %s: Redis unreachable (%s)", event.type, channel.name, exc)
             self.found_away()
+
+    def settle(self, channel: Channel) -> None:
+        """Return once the events handed over for ``channel`` were sent: its log holds them (what the next
+        attempt of a moved stream reads) before its record says it ended."""
+        if channel.log is not None:
+            self._sender.send(channel, None)
 
     def durably(self, what: str, action: Callable[[], T]) -> T:
         """``action`` retried while Redis is unreachable, for at most ``record_retry`` seconds."""

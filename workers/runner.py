@@ -101,7 +101,7 @@ class JobRunner:
         self._cancel_poll = cancel_poll_seconds
         self._preemption = preemption
         self._preempt_poll = preempt_poll_seconds
-        self._out = Outbox(client, record_retry_seconds, log_ttl)
+        self._out = Outbox(client, record_retry_seconds, log_ttl, most_tokens=coalesce_tokens)
         self._prefixes = prefixes
         self._coalesce_window = coalesce_window
         self._coalesce_tokens = coalesce_tokens
@@ -318,14 +318,16 @@ class JobRunner:
                     self._publish_delta(channel, job, *ready)
         if job.stream and (rest := coalesce.flush()) is not None:
             self._publish_delta(channel, job, *rest)
+        # Deltas were handed to the sender: they are in the log before the record says the job ended or
+        # gave its slot up (the next attempt of a moved stream reads the log).
+        self._out.settle(channel)
         return _Generated(first, last, parts, logprobs, first_token_at, watch)
 
     def _publish_delta(
-        self, channel: Channel, job: Job, text: str, logprobs: list[events.TokenLogprob] | None
+        self, channel: Channel, job: Job, text: str, logprobs: list[events.TokenLogprob] | None, tokens: int
     ) -> None:
-        self._out.publish(
-            channel, events.Delta(attempt=job.attempt, text=text, logprobs=logprobs), droppable=True
-        )
+        delta = events.Delta(attempt=job.attempt, text=text, logprobs=logprobs)
+        self._out.publish(channel, delta, droppable=True, tokens=tokens)
 
     def _embed(self, job: Job, channel: Channel) -> None:
         engine: Engine = self._models.get(job.model)

@@ -182,13 +182,14 @@ def concurrency(settings: Settings, catalog: Catalog) -> int:
 
 
 def worker_redis(settings: Settings, slots: int) -> redis.Redis:
-    """The worker's Redis client. A connection per job slot, plus the heartbeat's and a spare; a thread
-    that finds them all busy waits for one (bounded) rather than failing at once. Short timeouts and quick
-    retries: a Redis that restarts costs a moment, a frozen one a bounded wait, never a thread stuck."""
+    """The worker's Redis client. A connection per job slot, plus the heartbeat's, the stream sender's and
+    a spare; a thread that finds them all busy waits for one (bounded) rather than failing at once. Short
+    timeouts and quick retries: a Redis that restarts costs a moment, a frozen one a bounded wait, never a
+    thread stuck."""
     timeout = settings.worker_redis_timeout
     pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=slots + 2,
+        max_connections=slots + 3,
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,

@@ -51,11 +51,20 @@ class FailingPublish(redis.Redis):
         self._fault()
         return super().publish(channel, message, **kwargs)
 
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        # A stream's events go out through the event log's script (queueing/eventlog.py), not PUBLISH.
-        if sha == eventlog.EMIT_SHA:
-            self._fault()
-        return super().evalsha(sha, numkeys, *keys_and_args)
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        # A stream's events go out through the event log's script (queueing/eventlog.py), pipelined by the
+        # worker's sender (workers/sender.py), not PUBLISH.
+        pipe = super().pipeline(transaction, shard_hint)
+        run = pipe.execute
+
+        def execute(raise_on_error: bool = True) -> Any:
+            for args, _ in pipe.command_stack:
+                if args[0] == "EVALSHA" and args[1] == eventlog.EMIT_SHA:
+                    self._fault()
+            return run(raise_on_error)
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
 
 
 def story(max_tokens: int = 40) -> Job:
