@@ -8,6 +8,10 @@ renders the same frames from the job's log. A client that reconnects to ``GET /v
 the completion) with ``Last-Event-ID`` gets the frames after that one: the logged ones first, then live ones,
 nothing twice. While it is away its job goes on for ``stream_reconnect_grace`` seconds (api/jobs.py).
 
+A streamed response (``POST /v1/responses``) is resumed as OpenAI resumes a background one: ``GET
+/v1/responses/{id}?stream=true&starting_after=<sequence number>`` (api/routes/responses.py); its events are
+numbered already, and the same numbers are rendered again from the same job events.
+
 A stream of several choices (``n`` > 1, several prompts) has no ids: its jobs' events interleave as they
 come, and a second rendering could not put them in the same order.
 """
@@ -50,7 +54,7 @@ class FrameId(NamedTuple):
         return cls(at.attempt, at.n, int(k))
 
 
-Protocol = Literal["chat", "completions"]
+Protocol = Literal["chat", "completions", "responses"]
 
 
 class Resumable(BaseModel):
@@ -61,6 +65,9 @@ class Resumable(BaseModel):
     body: dict[str, Any]
     owner: str
     created: int
+    # A response's conversation as its model saw it (its previous response's, then its input): rendering
+    # it again must not depend on that previous response still being stored.
+    context: list[dict[str, Any]] | None = None
 
 
 class ResumableStore:
@@ -80,7 +87,12 @@ class ResumableStore:
 
 
 async def offer(
-    serve: core.Serve, work: core.Work, protocol: Protocol, body: BaseModel, created: int
+    serve: core.Serve,
+    work: core.Work,
+    protocol: Protocol,
+    body: BaseModel,
+    created: int,
+    context: list[dict[str, Any]] | None = None,
 ) -> core.Serve:
     """Makes a one-job stream resumable: its request is kept, and its job goes on for the reconnect grace
     when the client leaves. Returns how to serve it."""
@@ -88,7 +100,8 @@ async def offer(
         return serve
     d = serve.dispatcher
     request = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    kept = Resumable(protocol=protocol, body=request, owner=requested_owner.get(), created=created)
+    owner = requested_owner.get()
+    kept = Resumable(protocol=protocol, body=request, owner=owner, created=created, context=context)
     await ResumableStore(d.client, d.stream_log_ttl).save(work.jobs[0].id, kept)
     grace = dataclasses.replace(serve.options, reconnect_grace=d.reconnect_grace)
     return dataclasses.replace(serve, options=grace)

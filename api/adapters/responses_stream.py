@@ -22,6 +22,8 @@ from api.protocol.responses import (
     OutputText,
     ResponseError,
     ResponseObject,
+    function_call_id,
+    message_id,
 )
 from api.protocol.responses_events import (
     ContentPartAddedEvent,
@@ -138,8 +140,13 @@ class Writer:
         )
         return [*out, delta]
 
+    def _seed(self) -> str:
+        """What the next item's ids derive from: the same for the same response rendered again from its
+        job's log (a resumed stream, api/resume.py)."""
+        return f"{self.response.id}:{len(self.items)}"
+
     def _open_message(self) -> list[ResponseStreamEvent]:
-        item = OutputMessage(status="in_progress", content=[])
+        item = OutputMessage(id=message_id(self._seed()), status="in_progress", content=[])
         self._open = item
         self.items.append(item)
         part = OutputText(text="")
@@ -156,7 +163,10 @@ class Writer:
 
     def _open_call(self, name: str) -> list[ResponseStreamEvent]:
         out = self._close("completed")
-        item = FunctionCallItem(call_id=call_id(), name=name, arguments="", status="in_progress")
+        seed = self._seed()
+        item = FunctionCallItem(
+            id=function_call_id(seed), call_id=call_id(seed), name=name, arguments="", status="in_progress"
+        )
         self._open = item
         self.items.append(item)
         return [*out, OutputItemAddedEvent(sequence_number=self._seq(), output_index=self._index, item=item)]

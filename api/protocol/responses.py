@@ -4,6 +4,7 @@ define them. Streaming events are in ``api.protocol.responses_events``."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -22,12 +23,17 @@ def response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
 
-def message_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
+def message_id(seed: str | None = None) -> str:
+    """A new output message id; the same one for the same ``seed`` (a stream rendered again)."""
+    return f"msg_{_hex(seed)}"
 
 
-def function_call_id() -> str:
-    return f"fc_{uuid.uuid4().hex}"
+def function_call_id(seed: str | None = None) -> str:
+    return f"fc_{_hex(seed)}"
+
+
+def _hex(seed: str | None) -> str:
+    return uuid.uuid4().hex if seed is None else hashlib.sha256(seed.encode()).hexdigest()[:32]
 
 
 # --- content parts ---

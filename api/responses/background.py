@@ -145,8 +145,7 @@ class BackgroundResponses:
 
     async def _save(self, stored: StoredResponse, response: ResponseObject) -> None:
         # A cancel may have landed meanwhile: a cancelled response stays cancelled.
-        if await self._status(response.id) != "cancelled":
-            await self.store.save(stored.model_copy(update={"response": response}))
+        await self.store.save_unless_cancelled(stored.model_copy(update={"response": response}))
 
     async def _drive(self, prepared: responses.Prepared, stored: StoredResponse, writer: Writer) -> None:
         try:

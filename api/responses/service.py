@@ -4,15 +4,16 @@ and compaction."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from api import errors
+from api import errors, resume
 from api.adapters import responses
 from api.adapters.responses_items import compaction_content, context_items
 from api.adapters.responses_stream import TERMINAL, Writer, events_of
 from api.deps import model_spec
-from api.jobs import Disconnected, Dispatcher
+from api.jobs import Disconnected, Dispatcher, RunOptions
 from api.protocol.responses import (
     CompactionItem,
     CompactRequest,
@@ -29,6 +30,7 @@ from api.responses.store import ResponseStore, StoredResponse
 from api.serving import core
 from api.sessions import use_session
 from queueing.catalog import Catalog
+from queueing.jobs import JobState
 
 _POLL_MS = 500
 # A compaction's summary is short; bounded so that a model that rambles cannot write up to its context length
@@ -107,22 +109,68 @@ class Responses:
         return response, outcome
 
     async def stream(
-        self, prepared: responses.Prepared, owner: str, disconnected: Disconnected | None
+        self,
+        prepared: responses.Prepared,
+        owner: str,
+        disconnected: Disconnected | None,
+        *,
+        resumable: bool = False,
     ) -> tuple[core.Stream, Writer, AsyncIterator[ResponseStreamEvent]]:
         """Start a streamed response: the stream (its headers, its close) and its events; the response is
-        stored once its last event was produced."""
-        stream = await core.Serve(prepared.spec, self.dispatcher, disconnected).stream(prepared.work)
+        stored once its last event was produced. ``resumable``: a client that lost it gets the rest from
+        any API process (``resume``)."""
+        serve = core.Serve(prepared.spec, self.dispatcher, disconnected)
+        if resumable:
+            created, context = prepared.skeleton.created_at, prepared.context
+            serve = await resume.offer(serve, prepared.work, "responses", prepared.body, created, context)
+        stream = await serve.stream(prepared.work)
+        return stream, *self._rendered(prepared, owner, stream, -1)
+
+    async def resume(
+        self, response_id: str, owner: str, after: int, disconnected: Disconnected
+    ) -> tuple[core.Stream, Writer, AsyncIterator[ResponseStreamEvent]] | None:
+        """The events after sequence number ``after`` of a streamed response that is still running or
+        whose job's log is still kept: rendered again from its kept request and its job's events (the
+        same events under the same numbers and ids), then live. None if there is none such of ``owner``."""
+        d = self.dispatcher
+        kept = await resume.ResumableStore(d.client, d.stream_log_ttl).get(response_id, owner)
+        if kept is None or kept.protocol != "responses":
+            return None
+        record = await d.store.get(response_id)
+        if record is None or record.state == JobState.CANCELLED:
+            return None  # cancelled (its client stayed away past the grace) or expired: nothing to follow
+        await d.leaving.came_back(response_id)
+        body = ResponsesRequest.model_validate(kept.body)
+        spec = model_spec(self.catalog, body.model)
+
+        def same_id(_: int) -> str:
+            return response_id
+
+        prepared = responses.prepare(body, spec, None, same_id, stream=True, context=kept.context or [])
+        skeleton = prepared.skeleton.model_copy(update={"created_at": kept.created})
+        prepared = dataclasses.replace(prepared, skeleton=skeleton)
+        options = RunOptions(resume=True, replay=True, reconnect_grace=d.reconnect_grace)
+        stream = await core.Serve(spec, d, disconnected, options, same_id).stream(prepared.work)
+        return stream, *self._rendered(prepared, owner, stream, after)
+
+    def _rendered(
+        self, prepared: responses.Prepared, owner: str, stream: core.Stream, after: int
+    ) -> tuple[Writer, AsyncIterator[ResponseStreamEvent]]:
+        """The response's events from its job's: those numbered up to ``after`` are rendered, not sent.
+        The response is stored once its last event was produced."""
         writer = Writer(prepared.skeleton)
 
         async def all_events() -> AsyncIterator[ResponseStreamEvent]:
             for e in writer.start():
-                yield e
+                if e.sequence_number > after:
+                    yield e
             async for e in events_of(prepared, stream, writer):
-                yield e
+                if e.sequence_number > after:
+                    yield e
             if writer.final is not None:
                 await self.save(prepared, owner, writer.final)
 
-        return stream, writer, all_events()
+        return writer, all_events()
 
     async def cancel(self, response_id: str, owner: str) -> ResponseObject:
         stored = await self.store.get(response_id, owner)

@@ -30,10 +30,20 @@ class StoredResponse(BaseModel):
     request: dict[str, Any] | None = None
 
 
+# KEYS: the stored response. ARGV: the new one, its TTL in seconds. Saved unless a cancel landed first.
+_SAVE_UNLESS_CANCELLED = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current).response.status == 'cancelled' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
 class ResponseStore:
     def __init__(self, client: aredis.Redis, ttl: int, max_block_ms: int = 200) -> None:
         self._r = client
         self.ttl = ttl
+        self._save_unless_cancelled = client.register_script(_SAVE_UNLESS_CANCELLED)
         # A blocking read must end well inside the client's socket timeout, or the wait itself reads as
         # Redis being unavailable (the API's client times out after ``api_redis_timeout``).
         self.max_block_ms = max(1, max_block_ms)
@@ -41,6 +51,13 @@ class ResponseStore:
     async def save(self, stored: StoredResponse) -> None:
         key = keys.response_key(stored.response.id)
         await self._r.set(key, stored.model_dump_json(), ex=self.ttl)
+
+    async def save_unless_cancelled(self, stored: StoredResponse) -> bool:
+        """``save``, in one step with the check: a cancel that lands between a read and a write would
+        otherwise be overwritten by the state it cancelled. False if the response was cancelled."""
+        key = keys.response_key(stored.response.id)
+        args: list[str | int] = [stored.model_dump_json(), self.ttl]
+        return bool(await self._save_unless_cancelled(keys=[key], args=args))
 
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         stored = await self.peek(response_id)

@@ -85,7 +85,7 @@ async def create_response(
     if not body.stream:
         response, outcome = await service.complete(prepared, owner, request.is_disconnected)
         return JSONResponse(response.model_dump(mode="json"), headers=outcome.headers)
-    stream, writer, events = await service.stream(prepared, owner, request.is_disconnected)
+    stream, writer, events = await service.stream(prepared, owner, request.is_disconnected, resumable=True)
     return sse.respond(_frames(events), _framing(writer), stream.close, stream.headers)
 
 
@@ -99,23 +99,34 @@ async def compact_response(
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject)
 async def retrieve_response(
     response_id: str,
+    request: Request,
     service: ResponsesDep,
     owner: OwnerDep,
     stream: bool = False,
     starting_after: Annotated[int | None, Query(ge=-1)] = None,
     include: Annotated[list[str] | None, Query()] = None,
 ) -> Response:
-    stored = await service.retrieve(response_id, owner)
+    """The stored response; with ``stream``, its events after ``starting_after``: a background response's
+    from its log (OpenAI's resume), a streamed one's (inferq's too) rendered again from its job's log, on
+    any API process, as long as that log is kept (``INFERQ_STREAM_LOG_TTL``)."""
     if not stream:
-        return JSONResponse(stored.response.model_dump(mode="json"))
-    if not stored.response.background:
-        raise errors.invalid_request(
-            "Only background responses can be streamed again; this one was not created with `background`.",
-            "stream",
-            "invalid_value",
-        )
+        return JSONResponse((await service.retrieve(response_id, owner)).response.model_dump(mode="json"))
     after = -1 if starting_after is None else starting_after
-    return sse.respond(_frames(service.replay(response_id, owner, after)), _framing(None))
+    stored = await service.store.get(response_id, owner)
+    if stored is not None and stored.response.background:
+        return sse.respond(_frames(service.replay(response_id, owner, after)), _framing(None))
+    resumed = await service.resume(response_id, owner, after, request.is_disconnected)
+    if resumed is not None:
+        rest, writer, events = resumed
+        return sse.respond(_frames(events), _framing(writer), rest.close, rest.headers)
+    if stored is None:
+        raise not_found(response_id)
+    raise errors.invalid_request(
+        "This response can no longer be streamed again: it was not created with `background`, and its "
+        "stream's log has expired (INFERQ_STREAM_LOG_TTL).",
+        "stream",
+        "invalid_value",
+    )
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)

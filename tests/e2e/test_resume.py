@@ -1,6 +1,7 @@
 """Resuming a stream (api/resume.py) with real workers and real API processes: a client that lost its
 connection, or whose API process was killed, reconnects with ``Last-Event-ID`` and gets exactly the rest; a
-client that never comes back has its job cancelled after the reconnect grace."""
+client that never comes back has its job cancelled after the reconnect grace; a streamed response resumes
+with ``starting_after`` as the Responses API's own clients do."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -180,3 +183,37 @@ def test_resume_answers_bad_ids_in_the_openai_envelope(fleet: Fleet) -> None:
         f"{fleet.base_url}/v1/streams/chatcmpl-nope", headers={"Last-Event-ID": "yesterday"}, timeout=10
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "last_event_id"
+
+
+def test_a_streamed_response_resumes_on_a_second_api_process_with_starting_after(fleet: Fleet) -> None:
+    """The Responses API's own resume (``GET /v1/responses/{id}?stream=true&starting_after=N``, as the
+    official SDK calls it), for a foreground stream whose API process was killed."""
+    client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="none", max_retries=0)
+    request: dict[str, Any] = {"model": "scripted", "input": "Tell me", "max_output_tokens": 80}
+    request["stream"] = True
+    first: list[Any] = []
+    with pytest.raises(openai.APIError):
+        for event in client.responses.create(**request):
+            first.append(event)
+            if len(first) == 12:
+                fleet.kill_api()
+    response_id = first[0].response.id
+    fleet.start_api()
+    client = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="none", max_retries=0)
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=first[-1].sequence_number))
+
+    numbers = [e.sequence_number for e in first + rest]
+    assert numbers == list(range(len(numbers))), "nothing repeated, nothing missing"
+    deltas = [e for e in first + rest if e.type == "response.output_text.delta"]
+    assert deltas[0] in first and deltas[-1] in rest
+    assert "".join(e.delta for e in deltas) == scripted_words(80)
+    assert {e.item_id for e in deltas} == {first[-1].item_id}, "the same message, under the same id"
+    done = rest[-1]
+    # Ended by max_output_tokens, as the Responses API ends such an answer.
+    assert done.type == "response.incomplete" and done.response.id == response_id
+    assert done.response.created_at == first[0].response.created_at
+    assert done.response.output_text == scripted_words(80)
+    # Stored as any streamed response is (store defaults to true), by the process that ended it.
+    assert client.responses.retrieve(response_id).output_text == scripted_words(80)
+    stale = httpx.get(f"{fleet.base_url}/v1/responses/resp_nope", params={"stream": "true"}, timeout=10)
+    assert stale.status_code == 404 and stale.json()["error"]["code"] == "not_found"
