@@ -47,9 +47,12 @@ OwnerDep = Annotated[str, Depends(_owner)]
 
 
 def _frame(event: ResponseStreamEvent | dict[str, Any]) -> sse.Frame:
+    # The SSE id is the event's sequence number: an EventSource that reconnects with it as Last-Event-ID
+    # gets the rest (retrieve_response).
     if isinstance(event, dict):
-        return sse.Frame(json.dumps(event), event=str(event.get("type")))
-    return sse.Frame(event.model_dump_json(), event=event.type)
+        number = str(event.get("sequence_number"))
+        return sse.Frame(json.dumps(event), event=str(event.get("type")), id=number)
+    return sse.Frame(event.model_dump_json(), event=event.type, id=str(event.sequence_number))
 
 
 async def _frames(events: AsyncIterator[ResponseStreamEvent | dict[str, Any]]) -> AsyncIterator[sse.Frame]:
@@ -106,12 +109,16 @@ async def retrieve_response(
     starting_after: Annotated[int | None, Query(ge=-1)] = None,
     include: Annotated[list[str] | None, Query()] = None,
 ) -> Response:
-    """The stored response; with ``stream``, its events after ``starting_after``: a background response's
+    """The stored response; with ``stream``, its events after ``starting_after`` (or the ``Last-Event-ID``
+    header an EventSource sends, the same number): a background response's
     from its log (OpenAI's resume), a streamed one's (inferq's too) rendered again from its job's log, on
     any API process, as long as that log is kept (``INFERQ_STREAM_LOG_TTL``)."""
     if not stream:
         return JSONResponse((await service.retrieve(response_id, owner)).response.model_dump(mode="json"))
     after = -1 if starting_after is None else starting_after
+    last_event_id = request.headers.get("last-event-id", "")
+    if starting_after is None and last_event_id.isdigit():
+        after = int(last_event_id)
     stored = await service.store.get(response_id, owner)
     if stored is not None and stored.response.background:
         return sse.respond(_frames(service.replay(response_id, owner, after)), _framing(None))

@@ -213,6 +213,14 @@ def test_a_streamed_response_resumes_on_a_second_api_process_with_starting_after
     assert done.type == "response.incomplete" and done.response.id == response_id
     assert done.response.created_at == first[0].response.created_at
     assert done.response.output_text == scripted_words(80)
+    # An EventSource's way: each event's SSE id is its sequence number, sent back as Last-Event-ID.
+    url = f"{fleet.base_url}/v1/responses/{response_id}"
+    # (The key the SDK sent: a response is its creator's.)
+    headers = {"Last-Event-ID": "20", "Authorization": "Bearer none"}
+    with httpx.stream("GET", url, params={"stream": "true"}, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        ids = [line[3:].strip() for line in r.iter_lines() if line.startswith("id:")]
+    assert ids == [str(n) for n in range(21, len(numbers))]
     # Stored as any streamed response is (store defaults to true), by the process that ended it.
     assert client.responses.retrieve(response_id).output_text == scripted_words(80)
     stale = httpx.get(f"{fleet.base_url}/v1/responses/resp_nope", params={"stream": "true"}, timeout=10)
