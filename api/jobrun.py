@@ -59,6 +59,10 @@ class JobRun:
     backlog: deque[bytes] = field(default_factory=deque, repr=False)
     # Whether what pub/sub loses is read from the job's log (a stream followed from its first event).
     logged: bool = False
+    # Whether consecutive deltas that are ready together are taken as one (RunOptions.merge_deltas).
+    merge_deltas: bool = False
+    # An event taken while merging deltas that was not one to merge: the next one to hand out.
+    _ahead: tuple[events.Event | None, bool] | None = field(default=None, repr=False)
 
     @property
     def text_sent(self) -> str:
@@ -116,11 +120,34 @@ class JobRun:
                 self.worker, self.prompt_tokens = event.worker, event.prompt_tokens
             if isinstance(event, events.Finished):
                 self.finished = True
+            if isinstance(event, events.Delta) and self.merge_deltas and sent and not self._replayed:
+                event = await self._merged(event)
             yield event
+
+    async def _merged(self, delta: events.Delta) -> events.Delta:
+        """``delta`` and the deltas of its attempt that are ready after it, as one: a client that reads
+        slower than the worker sends gets what accumulated in one chunk, not one chunk per event."""
+        parts, logprobs = [delta.text], list(delta.logprobs or [])
+        while self.backlog or not self.sub.queue.empty():
+            event, sent = await self._next(0)
+            if event is None:
+                continue  # taken already, or a gap that put the log's events in the backlog
+            if not (isinstance(event, events.Delta) and sent and event.attempt == delta.attempt):
+                self._ahead = (event, sent)
+                break
+            parts.append(event.text)
+            logprobs += event.logprobs or []
+        if len(parts) == 1:
+            return delta
+        merged = delta.logprobs is not None or bool(logprobs)
+        return events.Delta(attempt=delta.attempt, text="".join(parts), logprobs=logprobs if merged else None)
 
     async def _next(self, wait: float) -> tuple[events.Event | None, bool]:
         """The next event: logged (a backlog's), live, or rebuilt by the watchdog when none came within
         ``wait``; None when there is none yet. And whether a worker sent it (rather than the watchdog)."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            return ahead
         live = not self.backlog
         if not live:
             raw = self.backlog.popleft()

@@ -85,6 +85,9 @@ class RunOptions:
     reconnect_grace: float = 0.0
     # A resumed stream: the job's logged events from the first on, then the live ones.
     replay: bool = False
+    # Deltas that queued up while the client read slowly go out as one (one chunk instead of many). Not in a
+    # resumable stream, whose frames must render again the same from its job's log (api/resume.py).
+    merge_deltas: bool = True
 
 
 INTERACTIVE = RunOptions()
@@ -177,7 +180,15 @@ class Dispatcher:
             # before is its own business, not a gap to fill from the log.
             logged = job.stream and (options.replay or not options.resume)
             jr = JobRun(
-                self, job, sub, disconnected, limits, job.attempt, backlog=deque(backlog), logged=logged
+                self,
+                job,
+                sub,
+                disconnected,
+                limits,
+                job.attempt,
+                backlog=deque(backlog),
+                logged=logged,
+                merge_deltas=options.merge_deltas,
             )
             try:
                 yield jr

@@ -103,7 +103,7 @@ async def offer(
     owner = requested_owner.get()
     kept = Resumable(protocol=protocol, body=request, owner=owner, created=created, context=context)
     await ResumableStore(d.client, d.stream_log_ttl).save(work.jobs[0].id, kept)
-    grace = dataclasses.replace(serve.options, reconnect_grace=d.reconnect_grace)
+    grace = dataclasses.replace(serve.options, reconnect_grace=d.reconnect_grace, merge_deltas=False)
     return dataclasses.replace(serve, options=grace)
 
 

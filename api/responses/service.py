@@ -149,7 +149,7 @@ class Responses:
         prepared = responses.prepare(body, spec, None, same_id, stream=True, context=kept.context or [])
         skeleton = prepared.skeleton.model_copy(update={"created_at": kept.created})
         prepared = dataclasses.replace(prepared, skeleton=skeleton)
-        options = RunOptions(resume=True, replay=True, reconnect_grace=d.reconnect_grace)
+        options = RunOptions(resume=True, replay=True, reconnect_grace=d.reconnect_grace, merge_deltas=False)
         stream = await core.Serve(spec, d, disconnected, options, same_id).stream(prepared.work)
         return stream, *self._rendered(prepared, owner, stream, after)
 

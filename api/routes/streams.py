@@ -53,7 +53,9 @@ async def resume_stream(
         # generating it anew, and the text already sent would not match.
         raise _gone(stream_id, "its job was cancelled or has expired.")
     await dispatcher.leaving.came_back(stream_id)
-    options = RunOptions(resume=True, replay=True, reconnect_grace=dispatcher.reconnect_grace)
+    options = RunOptions(
+        resume=True, replay=True, reconnect_grace=dispatcher.reconnect_grace, merge_deltas=False
+    )
     if kept.protocol == "chat":
         chat_body = ChatCompletionRequest.model_validate(kept.body)
         serve = Serve(
