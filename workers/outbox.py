@@ -49,18 +49,24 @@ class Outbox:
         self._away_until = time.monotonic() + self._pause
 
     def publish(
-        self, channel: Channel, event: events.AnyEvent, droppable: bool = False, tokens: int = 0
+        self,
+        channel: Channel,
+        event: events.AnyEvent,
+        droppable: bool = False,
+        tokens: int = 0,
+        wait: bool | None = None,
     ) -> None:
         """Pub/sub is at-most-once and the API replays what it missed from the job record, so an event
         that cannot be sent is dropped, never waited for; deltas are not even tried while Redis is away.
 
         A stream's event goes into its log in the same script (a resumed stream reads it there), through
         the worker's one sender (workers/sender.py): a droppable event (a delta of ``tokens`` tokens) is
-        handed over and not waited for, any other returns once it and everything before it was sent."""
+        handed over and not waited for, any other (unless ``wait`` is False) returns once it and
+        everything before it was sent."""
         if droppable and self.away():
             return
         if channel.log is not None:
-            self._sender.send(channel, event, tokens, wait=not droppable)
+            self._sender.send(channel, event, tokens, wait=not droppable if wait is None else wait)
             return
         try:
             self._r.publish(channel.name, events.encode(event))

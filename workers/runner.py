@@ -285,15 +285,14 @@ class JobRunner:
         first_token_at: float | None = None
         first = next(outputs)
         tick()
-        self._out.publish(
-            channel,
-            events.Started(
-                attempt=job.attempt,
-                worker=self.worker,
-                prompt_tokens=first.prompt_tokens - before.tokens,
-                continues=len(before.text),
-            ),
+        accepted = events.Started(
+            attempt=job.attempt,
+            worker=self.worker,
+            prompt_tokens=first.prompt_tokens - before.tokens,
+            continues=len(before.text),
         )
+        # Not waited for: the first token's decode starts now, and the sender keeps the order.
+        self._out.publish(channel, accepted, wait=False)
         parts: list[str] = []
         logprobs: list[events.TokenLogprob] | None = [] if job.sampling.logprobs is not None else None
         last = first
