@@ -26,6 +26,7 @@ from api.filestore import LocalFileStore
 from api.input_limits import InputLimitsMiddleware
 from api.input_limits import Limits as InputLimits
 from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requested_routing
+from api.keystore import KeyStore
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.redis_pool import ShrinkingPool
@@ -36,6 +37,7 @@ from api.responses.service import Responses
 from api.responses.store import ResponseStore
 from api.resume import requested_owner
 from api.routes import (
+    apikeys,
     batches,
     chat,
     completions,
@@ -106,9 +108,11 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         celery = create_celery(settings, catalog)
         app.state.redis = client
         app.state.catalog = catalog
+        app.state.keystore = KeyStore(client)
         app.state.dispatcher = Dispatcher(
             client, hub, celery, Limits.from_settings(settings), catalog, settings
         )
+        app.state.limiter = app.state.dispatcher.limiter
         app.state.files = Files(client, LocalFileStore(settings.files_dir), settings.file_max_bytes)
         # Every API process drives batches: whichever holds a batch's lease feeds its lines to the fleet.
         app.state.batches = BatchDriver(
@@ -152,16 +156,16 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         streams,
         system,
         management,
+        apikeys,
         metrics,
     ):
         app.include_router(module.router)
     # Innermost: bodies are read and checked only once the key check let the request in.
     app.state.input_limits = InputLimits.from_settings(settings)  # also for WebSocket messages
     app.add_middleware(InputLimitsMiddleware, limits=app.state.input_limits)
-    keys = auth.Keys.from_settings(settings)
-    if keys is not None:
-        # Middleware, not a dependency: it covers every route, also those added later and /docs.
-        app.add_middleware(auth.AuthMiddleware, keys=keys)
+    # Middleware, not a dependency: it covers every route, also those added later and /docs. Always there:
+    # keys created through the admin API (api/keystore.py) are required from the first one on.
+    app.add_middleware(auth.AuthMiddleware, keys=auth.Keys.from_settings(settings))
     # Outermost, so that it also counts what the key check turned away.
     app.add_middleware(MetricsMiddleware)
     return app

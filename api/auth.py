@@ -3,8 +3,11 @@
 ``INFERQ_API_KEYS`` (a comma list, or a file with one key per line) makes every route but health and metrics
 need ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's SDKs send it);
 ``INFERQ_ADMIN_KEY`` alone may make management writes (every non-GET
-route under ``/v1/system/``) and also works as a normal key. Keys are compared in constant time and never
-logged or echoed.
+route under ``/v1/system/``) and manage keys (``/v1/system/keys``), and also works as a normal key. Keys are
+compared in constant time and never logged or echoed.
+
+Keys created through the admin API (api/keystore.py) work alongside: from the first one on, every request
+needs a key, and a managed key's limits (api/ratelimit.py) are checked and counted here, before the route.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import redis
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import errors
 from api.errors import ApiError, respond
+from api.keystore import KeyStore, ManagedKey, digest, requested_key
+from api.ratelimit import Admission, Limiter
 from queueing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,6 +36,19 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/v1/system/health", "/metrics"})
 MANAGEMENT_PREFIX = "/v1/system"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Routes only the admin key may use, reads included (when an admin key is set).
+ADMIN_ONLY = ("/v1/system/keys",)
+# Requests that count against a key's requests per minute: those that run the model.
+COUNTED = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/responses/compact",
+        "/v1/messages",
+    }
+)
 
 
 def key_of(headers: Mapping[str, str]) -> str | None:
@@ -67,29 +89,34 @@ class Keys:
     admin: bytes | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keys | None:
+    def from_settings(cls, settings: Settings) -> Keys:
         keys = _parse_keys(settings.api_keys) if settings.api_keys else []
         admin = settings.admin_key.strip() if settings.admin_key else ""
         if settings.api_keys and not keys:
             raise ValueError("INFERQ_API_KEYS is set but holds no key")
-        if not keys and not admin:
-            return None
-        logger.info("API keys required: %d key(s), admin key %s", len(keys), "set" if admin else "unset")
+        if keys or admin:
+            logger.info("API keys required: %d key(s), admin key %s", len(keys), "set" if admin else "unset")
         return cls([k.encode() for k in keys], admin.encode() if admin else None)
 
-    def check(self, method: str, path: str, presented: bytes | None) -> ApiError | None:
-        """The error to answer with, or None when the request may pass."""
+    def check(
+        self, method: str, path: str, presented: bytes | None, managed: bool = False, required: bool = False
+    ) -> ApiError | None:
+        """The error to answer with, or None when the request may pass. ``managed``: ``presented`` is a
+        managed key (api/keystore.py); ``required``: managed keys exist, so every request needs a key."""
         if path in OPEN_PATHS:
             return None
         management = path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")
-        if management and method not in READ_METHODS and self.admin is not None:
+        admin_only = path.startswith(ADMIN_ONLY)
+        if (admin_only or (management and method not in READ_METHODS)) and self.admin is not None:
             if presented is not None and hmac.compare_digest(self.admin, presented):
                 return None
-            if presented is not None and _any_equal(self.keys, presented):
+            if presented is not None and (managed or _any_equal(self.keys, presented)):
                 return forbidden()
             return unauthorized(presented is not None)
-        if not self.keys:
-            return None  # only an admin key is configured: everything else stays open
+        if managed:
+            return None
+        if not self.keys and not required:
+            return None  # no key but perhaps the admin's is configured: everything else stays open
         candidates = self.keys + ([self.admin] if self.admin is not None else [])
         if presented is not None and _any_equal(candidates, presented):
             return None
@@ -136,13 +163,68 @@ class AuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        error = self.keys.check(scope.get("method", "GET"), scope["path"], _presented(scope))
+        method, path, presented = scope.get("method", "GET"), scope["path"], _presented(scope)
+        managed: ManagedKey | None = None
+        admission: Admission | None = None
+        try:
+            if path not in OPEN_PATHS:
+                store, limiter = _managed(scope)
+                if presented is not None:
+                    managed = await store.lookup(digest(presented))
+                required = managed is None and not self.keys.keys and await store.any()
+                error = self.keys.check(method, path, presented, managed is not None, required)
+                if error is None and managed is not None and _limited(managed):
+                    counted = method == "POST" and path in COUNTED
+                    admission = await limiter.admit(managed, count=counted)
+                    error = admission.error
+            else:
+                error = None
+        except redis.RedisError as exc:
+            logger.warning("key check: Redis unavailable: %r", exc)
+            error = errors.redis_unavailable()
         if error is None:
-            await self.app(scope, receive, send)
+            await self._serve(scope, receive, send, managed, admission)
             return
         if scope["type"] == "websocket":
             # Closing before the handshake is accepted makes the server refuse the upgrade (HTTP 403).
             await send({"type": "websocket.close", "code": 1008, "reason": error.message})
             return
-        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-        await respond(scope["path"], error, headers)(scope, receive, send)
+        headers = dict(admission.headers) if admission is not None else {}
+        if error.status == 401:
+            headers["www-authenticate"] = "Bearer"
+        await respond(path, error, headers or None)(scope, receive, send)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, key: ManagedKey | None, admission: Admission | None
+    ) -> None:
+        token = requested_key.set(key)
+        limits = admission.headers if admission is not None else {}
+
+        async def send_with(message: Message) -> None:
+            # The key's limits on every answer, streamed ones included (their headers go first).
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in limits.items():
+                    headers[name] = value
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with if limits else send)
+        finally:
+            requested_key.reset(token)
+            if key is not None and admission is not None and admission.holds:
+                _, limiter = _managed(scope)
+                try:
+                    await limiter.release(key)
+                except redis.RedisError as exc:
+                    logger.warning("key %s: in-flight count not released: %r", key.id, exc)
+
+
+def _limited(key: ManagedKey) -> bool:
+    return any(v is not None for v in (key.rpm, key.tpm, key.max_concurrent, key.monthly_tokens))
+
+
+def _managed(scope: Scope) -> tuple[KeyStore, Limiter]:
+    """The process's key store and limiter (the lifespan put them on the app's state)."""
+    state = scope["app"].state
+    return cast(KeyStore, state.keystore), cast(Limiter, state.limiter)

@@ -1,5 +1,8 @@
 """The Files API behind ``/v1/files``: metadata in Redis, bytes in a FileStore.
 
+Each file is its owner's (``api.auth.owner_of`` of the key that uploaded it, or of the key that created the
+batch whose output it is): another key neither lists it nor reads it, and is told it does not exist.
+
 Ids are ``file-`` + 24 hex digits: the creation time in milliseconds, then a random part that counts up
 within a millisecond. The index scores each id by that time, so ids, index order and list cursors agree,
 and a cursor still works after its file was deleted.
@@ -64,15 +67,17 @@ class Files:
             self._last_ms, self._seq = ms, secrets.randbits(47)
         return f"file-{ms:012x}{self._seq:012x}", ms
 
-    async def create(self, filename: str, purpose: str, source: BinaryIO) -> FileObject:
+    async def create(self, filename: str, purpose: str, source: BinaryIO, owner: str = "") -> FileObject:
         """Stores an upload; more than ``max_bytes`` is the 413 ``file_too_large``, and nothing is kept."""
-        return await self._add(filename, purpose, source, self.max_bytes)
+        return await self._add(filename, purpose, source, self.max_bytes, owner)
 
-    async def create_bytes(self, filename: str, purpose: str, data: bytes) -> FileObject:
+    async def create_bytes(self, filename: str, purpose: str, data: bytes, owner: str = "") -> FileObject:
         """Stores a file the system made (batch output), which the upload limit does not apply to."""
-        return await self._add(filename, purpose, io.BytesIO(data), len(data))
+        return await self._add(filename, purpose, io.BytesIO(data), len(data), owner)
 
-    async def _add(self, filename: str, purpose: str, source: BinaryIO, max_bytes: int) -> FileObject:
+    async def _add(
+        self, filename: str, purpose: str, source: BinaryIO, max_bytes: int, owner: str
+    ) -> FileObject:
         file_id, ms = self._new_id()
         try:
             size = await asyncio.to_thread(self._store.save, file_id, source, max_bytes)
@@ -82,7 +87,7 @@ class Files:
         # Bytes first, then metadata: a listed file always has its bytes.
         try:
             async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.file_key(file_id), mapping=_stored(file))
+                pipe.hset(keys.file_key(file_id), mapping={**_stored(file), "owner": owner})
                 pipe.zadd(keys.FILES_INDEX, {file_id: ms})
                 await pipe.execute()
         except BaseException:
@@ -90,31 +95,37 @@ class Files:
             raise
         return file
 
-    async def get(self, file_id: str) -> FileObject:
+    async def get(self, file_id: str, owner: str = "") -> FileObject:
         raw = await self._r.hgetall(keys.file_key(file_id)) if _ID.fullmatch(file_id) else {}
-        if not raw:
+        if not raw or not _owned(raw, owner):
             raise errors.file_not_found(file_id)
         return _file(raw)
 
-    async def open(self, file_id: str) -> BinaryIO:
+    async def open(self, file_id: str, owner: str = "") -> BinaryIO:
         """The file's bytes for reading (the caller closes the handle); 404 when the file is unknown."""
-        await self.get(file_id)
+        await self.get(file_id, owner)
         try:
             return await asyncio.to_thread(self._store.open, file_id)
         except FileNotFoundError as exc:
             # Deleted between the metadata read and the open.
             raise errors.file_not_found(file_id) from exc
 
-    async def read(self, file_id: str) -> bytes:
-        return await asyncio.to_thread(_read_all, await self.open(file_id))
+    async def read(self, file_id: str, owner: str = "") -> bytes:
+        return await asyncio.to_thread(_read_all, await self.open(file_id, owner))
 
     async def list(
-        self, purpose: str | None, limit: int, after: str | None, order: Literal["asc", "desc"]
+        self,
+        purpose: str | None,
+        limit: int,
+        after: str | None,
+        order: Literal["asc", "desc"],
+        owner: str = "",
     ) -> FileList:
-        """One page, newest first for ``desc``; ``after`` is the last id of the previous page."""
+        """One page of ``owner``'s files, newest first for ``desc``; ``after`` is the last id of the
+        previous page."""
         page: builtins.list[FileObject] = []
         more = False
-        async with aclosing(self._walk(after, order)) as walk:
+        async with aclosing(self._walk(after, order, owner)) as walk:
             async for file in walk:
                 if purpose is None or file.purpose == purpose:
                     if len(page) == limit:
@@ -129,7 +140,7 @@ class Files:
         )
 
     async def _walk(
-        self, after: str | None, order: Literal["asc", "desc"]
+        self, after: str | None, order: Literal["asc", "desc"], owner: str
     ) -> AsyncGenerator[FileObject, None]:
         desc = order == "desc"
         start: int | str = "+inf" if desc else "-inf"
@@ -153,15 +164,14 @@ class Files:
                     pipe.hgetall(keys.file_key(file_id))
                 metas = await pipe.execute()
             for raw in metas:
-                if raw:  # deleted since the index was read
+                if raw and _owned(raw, owner):  # (deleted since the index was read, or another's)
                     yield _file(raw)
             if len(rows) < _SCAN:
                 return
 
-    async def delete(self, file_id: str) -> FileDeleted:
+    async def delete(self, file_id: str, owner: str = "") -> FileDeleted:
         """Removes the metadata, then the bytes; 404 when the file is unknown."""
-        if not _ID.fullmatch(file_id):
-            raise errors.file_not_found(file_id)
+        await self.get(file_id, owner)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.delete(keys.file_key(file_id))
             pipe.zrem(keys.FILES_INDEX, file_id)
@@ -170,6 +180,11 @@ class Files:
             raise errors.file_not_found(file_id)
         await asyncio.to_thread(self._store.delete, file_id)
         return FileDeleted(id=file_id, deleted=True)
+
+
+def _owned(raw: Mapping[bytes | str, bytes | str], owner: str) -> bool:
+    stored = raw.get(b"owner", raw.get("owner", b""))
+    return text(stored) == owner
 
 
 def _stored(file: FileObject) -> dict[FieldT, EncodableT]:

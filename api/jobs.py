@@ -18,6 +18,8 @@ from celery import Celery
 from api import errors
 from api.control import FleetControl
 from api.jobrun import JobRun
+from api.keystore import requested_key
+from api.ratelimit import Limiter
 from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
 from api.streams import StreamHub
@@ -117,6 +119,9 @@ class Dispatcher:
         # Whether a stream whose worker died after sending text waits for the next attempt to continue it.
         self.migrates = settings.stream_migration_limit > 0
         self.store = AsyncJobStore(client)
+        # A managed key's limits (api/ratelimit.py); an in-flight count a dead process left behind expires
+        # after the longest request.
+        self.limiter = Limiter(client, settings.request_timeout + 60, settings.rate_limit_window)
         # Streamed jobs whose client left, cancelled after the reconnect grace (api/reconnect.py).
         self.leaving = ReconnectGrace(client, self.store)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
@@ -194,6 +199,7 @@ class Dispatcher:
                 yield jr
             finally:
                 await jr.close()
+                await self._spent(jr)
                 if not jr.finished and options.cancel_on_exit:
                     # The client left or the request failed: stop the worker spending time on it. Not while
                     # Redis is away (the worker's own polls stop it later): the error that ended the run is
@@ -205,6 +211,16 @@ class Dispatcher:
                             await asyncio.shield(self.store.cancel(job.id))
                     except redis.RedisError as exc:
                         logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
+
+    async def _spent(self, jr: JobRun) -> None:
+        """Count what the job used against the key that asked for it (api/ratelimit.py)."""
+        key = requested_key.get()
+        if key is None or not jr.tokens:
+            return
+        try:
+            await asyncio.shield(self.limiter.spent(key, jr.tokens))
+        except redis.RedisError as exc:
+            logger.warning("job %s: tokens not counted for key %s: %r", jr.job.id, key.id, exc)
 
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits

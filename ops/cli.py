@@ -10,6 +10,7 @@ import sys
 import click
 
 from ops.batch_cli import batch
+from ops.keys_cli import keys
 from queueing.settings import get_settings
 
 
@@ -172,6 +173,7 @@ def prepare(model: str, engine: str, python: str | None, force: bool) -> None:
 
 
 main.add_command(batch)
+main.add_command(keys)
 
 if __name__ == "__main__":
     main()

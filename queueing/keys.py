@@ -71,6 +71,12 @@ KOMBU_UNACKED_INDEX = "unacked_index"
 # Set (with a TTL) when a worker was reaped: while it exists every heartbeat looks for such messages.
 RESCUE_DUE = f"{PREFIX}:recovery:rescue-due"
 
+# API keys managed through the admin API (api/keystore.py): one hash, the key's SHA-256 -> its policy (the key
+# itself is never stored). Per key, its rate-limit counters (api/ratelimit.py): requests and tokens in the
+# current minute and tokens in the current month (each expiring with its window), and its requests in flight.
+API_KEYS = f"{PREFIX}:apikeys"
+RATE_PREFIX = f"{PREFIX}:rate:"
+
 # Files API: one metadata hash per file (the bytes live in the file store) and an index by creation time.
 FILE_PREFIX = f"{PREFIX}:file:"
 FILES_INDEX = f"{PREFIX}:files"
@@ -194,3 +200,12 @@ def response_events_key(response_id: str) -> str:
 
 def response_lease_key(response_id: str) -> str:
     return f"{RESPONSE_LEASE_PREFIX}{response_id}"
+
+
+def rate_window_key(key_digest: str, what: str, window: int) -> str:
+    """A key's count of ``what`` (requests, tokens, month) in the window numbered ``window``."""
+    return f"{RATE_PREFIX}{key_digest}:{what}:{window}"
+
+
+def rate_inflight_key(key_digest: str) -> str:
+    return f"{RATE_PREFIX}{key_digest}:inflight"

@@ -26,7 +26,15 @@ class Settings(BaseSettings):
         "route but health and metrics needs `Authorization: Bearer <key>`.",
     )
     admin_key: str | None = Field(
-        None, description="Key for management writes (non-GET routes under /v1/system/); also a normal key."
+        None,
+        description="Key for management writes (non-GET routes under /v1/system/) and for managing keys "
+        "(/v1/system/keys, `inferq keys`); also a normal key.",
+    )
+    rate_limit_window: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a managed key's requests and tokens are counted over (its rpm and tpm): a "
+        "minute; tests shorten it.",
     )
     models_cache: Path = Field(
         Path("~/.cache/inferq/models"),

@@ -142,10 +142,10 @@ class BatchDriver:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release(batch_id, self.holder))
 
-    async def read_input(self, file_id: str) -> list[InputLine]:
+    async def read_input(self, file_id: str, owner: str) -> list[InputLine]:
         """A batch input file's lines, each checked (nesting depth as for request bodies). Parsing a large
         file takes a while, so off the event loop."""
-        return await asyncio.to_thread(parse, await self.files.read(file_id), self.max_json_depth)
+        return await asyncio.to_thread(parse, await self.files.read(file_id, owner), self.max_json_depth)
 
     async def _drive(self, batch_id: str) -> None:
         batch = await self.store.get(batch_id)
@@ -158,7 +158,7 @@ class BatchDriver:
             return
         await self.store.move(batch_id, "in_progress", ["validating"])
         try:
-            requests = await self.read_input(batch.input_file_id)
+            requests = await self.read_input(batch.input_file_id, await self.store.owner(batch_id))
         except errors.ApiError as exc:
             # The input file was deleted (or replaced) after the batch was accepted.
             await self._fail(batch, exc.code or "invalid_input_file", exc.message)
@@ -284,7 +284,9 @@ class BatchDriver:
         if not results:
             return None
         data = "".join(r.model_dump_json() + "\n" for r in results).encode()
-        created = await self.files.create_bytes(f"{batch.id}_{kind}.jsonl", "batch_output", data)
+        # The batch's owner's, as its input was: the key that created the batch reads its results.
+        owner = await self.store.owner(batch.id)
+        created = await self.files.create_bytes(f"{batch.id}_{kind}.jsonl", "batch_output", data, owner)
         return created.id
 
     async def _fail(self, batch: Batch, code: str, message: str) -> None:

@@ -80,7 +80,8 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._leases = Leases(client)
 
-    async def create(self, batch: Batch) -> None:
+    async def create(self, batch: Batch, owner: str = "") -> None:
+        """``owner``: the creator's (api.auth.owner_of); only its key sees the batch and its files."""
         key = keys.batch_key(batch.id)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -93,32 +94,54 @@ class BatchStore:
                     "failed": 0,
                     "input_tokens": 0,
                     "output_tokens": 0,
+                    "owner": owner,
                 },
             )
             pipe.zadd(keys.BATCHES_INDEX, {batch.id: time.time()})
             pipe.sadd(keys.BATCHES_ACTIVE, batch.id)
             await pipe.execute()
 
-    async def get(self, batch_id: str) -> Batch | None:
+    async def get(self, batch_id: str, owner: str | None = None) -> Batch | None:
+        """The batch; None if there is none, or (``owner`` given) it is another key's."""
         raw = await self._r.hgetall(keys.batch_key(batch_id))
         if not raw:
             return None
-        return _batch({text(k): text(v) for k, v in raw.items()})
+        h = {text(k): text(v) for k, v in raw.items()}
+        if owner is not None and h.get("owner", "") != owner:
+            return None
+        return _batch(h)
 
-    async def page(self, after: str | None, limit: int) -> BatchList:
-        """Newest first; ``after`` is the last id of the previous page."""
+    async def owner(self, batch_id: str) -> str:
+        raw = await self._r.hget(keys.batch_key(batch_id), "owner")
+        return "" if raw is None else text(raw)
+
+    async def page(self, after: str | None, limit: int, owner: str = "") -> BatchList:
+        """``owner``'s batches, newest first; ``after`` is the last id of the previous page."""
         start = 0
         if after is not None:
             rank = cast(int | None, await self._r.zrevrank(keys.BATCHES_INDEX, after))
             start = 0 if rank is None else rank + 1
-        raw = cast(list[bytes], await self._r.zrevrange(keys.BATCHES_INDEX, start, start + limit))
-        ids = [text(i) for i in raw]
-        found = [b for b in [await self.get(i) for i in ids[:limit]] if b is not None]
+        found: list[Batch] = []
+        more = False
+        # Read in slices, skipping other keys' batches, until the page and one more are found.
+        while not more:
+            raw = cast(list[bytes], await self._r.zrevrange(keys.BATCHES_INDEX, start, start + 99))
+            start += len(raw)
+            for batch_id in (text(i) for i in raw):
+                batch = await self.get(batch_id, owner)
+                if batch is None:
+                    continue
+                if len(found) == limit:
+                    more = True
+                    break
+                found.append(batch)
+            if len(raw) < 100:
+                break
         return BatchList(
             data=found,
             first_id=found[0].id if found else None,
             last_id=found[-1].id if found else None,
-            has_more=len(ids) > limit,
+            has_more=more,
         )
 
     async def active(self) -> list[str]:

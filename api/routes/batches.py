@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from api import errors
 from api.batches.driver import BatchDriver
-from api.deps import FilesDep
+from api.deps import FilesDep, OwnerDep
 from api.protocol.batches import Batch, BatchCreateRequest, BatchList, RequestCounts, window_seconds
 
 router = APIRouter()
@@ -20,8 +20,8 @@ def _driver(request: Request) -> BatchDriver:
     return cast(BatchDriver, request.app.state.batches)
 
 
-async def _batch(driver: BatchDriver, batch_id: str) -> Batch:
-    found = await driver.store.get(batch_id)
+async def _batch(driver: BatchDriver, batch_id: str, owner: str) -> Batch:
+    found = await driver.store.get(batch_id, owner)
     if found is None:
         message = f"No batch found with id '{batch_id}'."
         raise errors.ApiError(404, message, "invalid_request_error", "batch_id", "batch_not_found")
@@ -29,9 +29,9 @@ async def _batch(driver: BatchDriver, batch_id: str) -> Batch:
 
 
 @router.post("/v1/batches", response_model=Batch)
-async def create_batch(body: BatchCreateRequest, request: Request, files: FilesDep) -> Batch:
+async def create_batch(body: BatchCreateRequest, request: Request, files: FilesDep, owner: OwnerDep) -> Batch:
     driver = _driver(request)
-    source = await files.get(body.input_file_id)
+    source = await files.get(body.input_file_id, owner)
     if source.purpose != "batch":
         raise errors.invalid_request(
             f"File {source.id} has purpose '{source.purpose}'; a batch input needs purpose 'batch'.",
@@ -39,7 +39,7 @@ async def create_batch(body: BatchCreateRequest, request: Request, files: FilesD
             "invalid_file_purpose",
         )
     # Every line is checked now: a malformed file is refused with its line numbers instead of failing later.
-    requests = await driver.read_input(source.id)
+    requests = await driver.read_input(source.id, owner)
     models = {line.request.body.get("model") for line in requests}
     now = int(time.time())
     batch = Batch(
@@ -55,29 +55,30 @@ async def create_batch(body: BatchCreateRequest, request: Request, files: FilesD
         request_counts=RequestCounts(total=len(requests)),
         metadata=body.metadata,
     )
-    await driver.store.create(batch)
+    await driver.store.create(batch, owner)
     driver.wake()
     return batch
 
 
 @router.get("/v1/batches/{batch_id}", response_model=Batch)
-async def retrieve_batch(batch_id: str, request: Request) -> Batch:
-    return await _batch(_driver(request), batch_id)
+async def retrieve_batch(batch_id: str, request: Request, owner: OwnerDep) -> Batch:
+    return await _batch(_driver(request), batch_id, owner)
 
 
 @router.get("/v1/batches", response_model=BatchList)
 async def list_batches(
     request: Request,
+    owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
-    return await _driver(request).store.page(after, limit)
+    return await _driver(request).store.page(after, limit, owner)
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(batch_id: str, request: Request) -> Batch:
+async def cancel_batch(batch_id: str, request: Request, owner: OwnerDep) -> Batch:
     driver = _driver(request)
-    batch = await _batch(driver, batch_id)
+    batch = await _batch(driver, batch_id, owner)
     if batch.status in ("cancelling", "cancelled"):
         return batch
     if not await driver.store.move(batch_id, "cancelling", ["validating", "in_progress"]):
@@ -90,4 +91,4 @@ async def cancel_batch(batch_id: str, request: Request) -> Batch:
         )
     # Whichever API process drives the batch sees the status within a poll and finalizes it.
     driver.wake()
-    return await _batch(driver, batch_id)
+    return await _batch(driver, batch_id, owner)

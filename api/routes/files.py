@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 
 from api import errors
-from api.deps import FilesDep
+from api.deps import FilesDep, OwnerDep
 from api.files import Files
 from api.protocol.files import FileDeleted, FileList, FileObject
 
@@ -69,10 +69,11 @@ class _UploadRoute(APIRoute):
 
 async def upload(
     files: FilesDep,
+    owner: OwnerDep,
     file: Annotated[UploadFile, File(description="The file; for purpose batch, JSONL request lines.")],
     purpose: Annotated[Literal["batch", "user_data"], Form(description="What the file is for.")],
 ) -> FileObject:
-    return await files.create(file.filename or "upload", purpose, file.file)
+    return await files.create(file.filename or "upload", purpose, file.file, owner)
 
 
 router.add_api_route(
@@ -83,17 +84,18 @@ router.add_api_route(
 @router.get("/v1/files", response_model=FileList)
 async def list_files(
     files: FilesDep,
+    owner: OwnerDep,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
     after: Annotated[str | None, Query(description="Id of the last file of the previous page.")] = None,
 ) -> FileList:
-    return await files.list(purpose, limit, after, order)
+    return await files.list(purpose, limit, after, order, owner)
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, files: FilesDep) -> FileObject:
-    return await files.get(file_id)
+async def retrieve_file(file_id: str, files: FilesDep, owner: OwnerDep) -> FileObject:
+    return await files.get(file_id, owner)
 
 
 def _chunks(handle: BinaryIO) -> Iterator[bytes]:
@@ -107,9 +109,9 @@ def _chunks(handle: BinaryIO) -> Iterator[bytes]:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def file_content(file_id: str, files: FilesDep) -> StreamingResponse:
-    file = await files.get(file_id)
-    handle = await files.open(file_id)
+async def file_content(file_id: str, files: FilesDep, owner: OwnerDep) -> StreamingResponse:
+    file = await files.get(file_id, owner)
+    handle = await files.open(file_id, owner)
     # A sync iterator: Starlette reads it in a worker thread, so the event loop never waits on the disk.
     return StreamingResponse(
         _chunks(handle),
@@ -119,5 +121,5 @@ async def file_content(file_id: str, files: FilesDep) -> StreamingResponse:
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, files: FilesDep) -> FileDeleted:
-    return await files.delete(file_id)
+async def delete_file(file_id: str, files: FilesDep, owner: OwnerDep) -> FileDeleted:
+    return await files.delete(file_id, owner)

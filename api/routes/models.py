@@ -7,6 +7,7 @@ from fastapi import APIRouter
 
 from api import errors
 from api.deps import CatalogDep, RedisDep
+from api.keystore import requested_key
 from api.protocol.models import ModelCard, ModelList
 from queueing import registry
 from queueing.catalog import Catalog
@@ -35,7 +36,13 @@ def _card(model: str, workers: list[WorkerInfo], catalog: Catalog) -> ModelCard 
 
 def fleet_models(workers: list[WorkerInfo], catalog: Catalog) -> list[ModelCard]:
     names = sorted({*catalog.models, *(m for w in workers for m in w.models)})
-    return [card for m in names if (card := _card(m, workers, catalog)) is not None]
+    return [card for m in names if _allowed(m) and (card := _card(m, workers, catalog)) is not None]
+
+
+def _allowed(model: str) -> bool:
+    """Whether the request's key may call ``model`` (a managed key may be held to some)."""
+    key = requested_key.get()
+    return key is None or key.models is None or model in key.models
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -45,7 +52,7 @@ async def list_models(client: RedisDep, catalog: CatalogDep) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, client: RedisDep, catalog: CatalogDep) -> ModelCard:
-    card = _card(model_id, await registry.live_workers(client), catalog)
+    card = _card(model_id, await registry.live_workers(client), catalog) if _allowed(model_id) else None
     if card is None:
         raise errors.model_not_found(model_id)
     return card

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from api import errors, input_limits
 from api.adapters.responses_stream import Writer
 from api.auth import key_of, owner_of
+from api.deps import OwnerDep
 from api.protocol.responses import (
     CompactRequest,
     CompactResponse,
@@ -37,13 +38,7 @@ def _responses(request: Request) -> Responses:
     return cast(Responses, request.app.state.responses)
 
 
-def _owner(request: Request) -> str:
-    # The key check (api/auth.py) already let this key in; stored responses are partitioned by it.
-    return owner_of(key_of(request.headers))
-
-
 ResponsesDep = Annotated[Responses, Depends(_responses)]
-OwnerDep = Annotated[str, Depends(_owner)]
 
 
 def _frame(event: ResponseStreamEvent | dict[str, Any]) -> sse.Frame:

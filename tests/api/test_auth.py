@@ -46,7 +46,9 @@ def all_routes(app: FastAPI) -> list[tuple[str, str]]:
 
 
 def is_management_write(method: str, path: str) -> bool:
-    return path.startswith("/v1/system/") and method not in ("GET", "HEAD", "OPTIONS")
+    """Routes only the admin key may use: management writes, and every route of managed keys."""
+    keys_route = path.startswith("/v1/system/keys")
+    return keys_route or (path.startswith("/v1/system/") and method not in ("GET", "HEAD", "OPTIONS"))
 
 
 @pytest.fixture
@@ -126,8 +128,13 @@ def test_keys_from_a_file_and_never_logged(
     assert USER not in text and OTHER not in text
 
 
-def test_no_keys_configured_means_open(redis_server: RedisServer) -> None:
-    assert Keys.from_settings(settings(redis_server.url)) is None
+def test_no_keys_configured_means_open_until_a_managed_key_exists(redis_server: RedisServer) -> None:
+    keys = Keys.from_settings(settings(redis_server.url))
+    assert keys.check("POST", "/v1/chat/completions", None) is None
+    assert keys.check("POST", "/v1/system/models/m/load", None) is None
+    # Once a key was created through the admin API (api/keystore.py), every request needs a key.
+    denied = keys.check("POST", "/v1/chat/completions", None, required=True)
+    assert denied is not None and denied.status == 401
 
 
 def test_admin_key_alone_guards_only_management_writes(redis_server: RedisServer) -> None:

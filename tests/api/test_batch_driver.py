@@ -30,12 +30,12 @@ class Files:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
 
-    async def read(self, file_id: str) -> bytes:
+    async def read(self, file_id: str, owner: str = "") -> bytes:
         if file_id not in self.data:
             raise errors.file_not_found(file_id)
         return self.data[file_id]
 
-    async def create_bytes(self, filename: str, purpose: str, data: bytes) -> FileObject:
+    async def create_bytes(self, filename: str, purpose: str, data: bytes, owner: str = "") -> FileObject:
         file_id = f"file-{len(self.data)}"
         self.data[file_id] = data
         return FileObject(id=file_id, bytes=len(data), created_at=0, filename=filename, purpose=purpose)
