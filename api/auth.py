@@ -28,6 +28,7 @@ from api import errors
 from api.errors import ApiError, respond
 from api.keystore import KeyStore, ManagedKey, digest, requested_key
 from api.ratelimit import Admission, Limiter
+from api.usage import ANONYMOUS, Account, requested_account
 from queueing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ OPEN_PATHS = frozenset({"/v1/system/health", "/metrics"})
 MANAGEMENT_PREFIX = "/v1/system"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Routes only the admin key may use, reads included (when an admin key is set).
-ADMIN_ONLY = ("/v1/system/keys",)
+ADMIN_ONLY = ("/v1/system/keys", "/v1/system/usage")
 # Requests that count against a key's requests per minute: those that run the model.
 COUNTED = frozenset(
     {
@@ -198,6 +199,15 @@ class AuthMiddleware:
         self, scope: Scope, receive: Receive, send: Send, key: ManagedKey | None, admission: Admission | None
     ) -> None:
         token = requested_key.set(key)
+        presented = _presented(scope)
+        if key is not None:
+            account = Account(key.id, key.name)
+        elif presented is not None:
+            owner = owner_of(presented.decode(errors="replace"))
+            account = Account(f"owner-{owner[:12]}", f"owner-{owner[:12]}")
+        else:
+            account = ANONYMOUS
+        account_token = requested_account.set(account)
         limits = admission.headers if admission is not None else {}
 
         async def send_with(message: Message) -> None:
@@ -212,6 +222,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send_with if limits else send)
         finally:
             requested_key.reset(token)
+            requested_account.reset(account_token)
             if key is not None and admission is not None and admission.holds:
                 _, limiter = _managed(scope)
                 try:

@@ -44,8 +44,6 @@ class JobRun:
     # The prompt's length as the worker's Started reported it: known before any output is (message_start).
     prompt_tokens: int = 0
     finished: bool = False
-    # Tokens the job used (prompt and completion), once it finished: what a key's limits count.
-    tokens: int = 0
     _sent: list[str] = field(default_factory=list, repr=False)
     _no_worker_since: float | None = field(default=None, repr=False)
     _redis_away: bool = field(default=False, repr=False)
@@ -122,7 +120,6 @@ class JobRun:
                 self.worker, self.prompt_tokens = event.worker, event.prompt_tokens
             if isinstance(event, events.Finished):
                 self.finished = True
-                self.tokens = event.prompt_tokens + event.completion_tokens
             if isinstance(event, events.Delta) and self.merge_deltas and sent and not self._replayed:
                 event = await self._merged(event)
             yield event

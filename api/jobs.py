@@ -23,6 +23,7 @@ from api.ratelimit import Limiter
 from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
 from api.streams import StreamHub
+from api.usage import UsageLedger, requested_account
 from queueing import eventlog, registry
 from queueing.affinity import Balance, Prefix
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
@@ -122,6 +123,7 @@ class Dispatcher:
         # A managed key's limits (api/ratelimit.py); an in-flight count a dead process left behind expires
         # after the longest request.
         self.limiter = Limiter(client, settings.request_timeout + 60, settings.rate_limit_window)
+        self.ledger = UsageLedger(client)
         # Streamed jobs whose client left, cancelled after the reconnect grace (api/reconnect.py).
         self.leaving = ReconnectGrace(client, self.store)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
@@ -199,7 +201,6 @@ class Dispatcher:
                 yield jr
             finally:
                 await jr.close()
-                await self._spent(jr)
                 if not jr.finished and options.cancel_on_exit:
                     # The client left or the request failed: stop the worker spending time on it. Not while
                     # Redis is away (the worker's own polls stop it later): the error that ended the run is
@@ -212,15 +213,17 @@ class Dispatcher:
                     except redis.RedisError as exc:
                         logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
 
-    async def _spent(self, jr: JobRun) -> None:
-        """Count what the job used against the key that asked for it (api/ratelimit.py)."""
+    async def ended(self, model: str, prompt: int, cached: int, completion: int, ok: bool) -> None:
+        """A request ended: what it used counts against the key that asked for it (api/ratelimit.py) and
+        goes into the usage ledger (api/usage.py). Never the request's failure: logged if Redis is away."""
         key = requested_key.get()
-        if key is None or not jr.tokens:
-            return
         try:
-            await asyncio.shield(self.limiter.spent(key, jr.tokens))
+            if key is not None and ok:
+                await asyncio.shield(self.limiter.spent(key, prompt + completion))
+            account = requested_account.get()
+            await asyncio.shield(self.ledger.record(account, model, prompt, cached, completion, ok))
         except redis.RedisError as exc:
-            logger.warning("job %s: tokens not counted for key %s: %r", jr.job.id, key.id, exc)
+            logger.warning("usage of a %s request not counted: %r", model, exc)
 
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits

@@ -17,16 +17,16 @@ from queueing import keys, registry
 from queueing.catalog import Catalog
 
 # Route templates, not raw paths, so that ids in URLs do not explode the label set.
-_REGISTRY = CollectorRegistry()
+REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
-    "inferq_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=_REGISTRY
+    "inferq_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=REGISTRY
 )
 LATENCY = Histogram(
     "inferq_http_request_seconds",
     "Time to the response's headers (a stream's first event), by route.",
     ["route"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-    registry=_REGISTRY,
+    registry=REGISTRY,
 )
 
 
@@ -140,4 +140,4 @@ async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
 
 
 async def exposition(client: aredis.Redis, catalog: Catalog) -> str:
-    return generate_latest(_REGISTRY).decode() + await fleet_text(client, catalog)
+    return generate_latest(REGISTRY).decode() + await fleet_text(client, catalog)

@@ -10,7 +10,7 @@ import sys
 import click
 
 from ops.batch_cli import batch
-from ops.keys_cli import keys
+from ops.keys_cli import keys, usage
 from queueing.settings import get_settings
 
 
@@ -174,6 +174,7 @@ def prepare(model: str, engine: str, python: str | None, force: bool) -> None:
 
 main.add_command(batch)
 main.add_command(keys)
+main.add_command(usage)
 
 if __name__ == "__main__":
     main()

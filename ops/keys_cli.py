@@ -1,4 +1,5 @@
-"""`inferq keys`: create, list and revoke managed API keys through the admin API (``/v1/system/keys``)."""
+"""`inferq keys`: create, list and revoke managed API keys through the admin API (``/v1/system/keys``);
+`inferq usage`: the usage ledger (``/v1/system/usage``)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,20 @@ def revoke(client: httpx.Client, key_id: str) -> None:
     """Revoke the key KEY_ID: every API process refuses it within a second."""
     _call(client, "DELETE", f"/v1/system/keys/{key_id}")
     click.echo(f"revoked {key_id}")
+
+
+@click.command()
+@click.option("--base-url", envvar="INFERQ_BASE_URL", default=DEFAULT_BASE_URL, show_default=True)
+@click.option("--admin-key", envvar="INFERQ_ADMIN_KEY", default=None, help="(INFERQ_ADMIN_KEY)")
+@click.option("--start-date", default=None, help="YYYY-MM-DD (UTC); default today.")
+@click.option("--end-date", default=None, help="YYYY-MM-DD (UTC); default the start date.")
+def usage(base_url: str, admin_key: str | None, start_date: str | None, end_date: str | None) -> None:
+    """The usage ledger: per day, key and model, requests, errors and tokens."""
+    params = {k: v for k, v in (("start_date", start_date), ("end_date", end_date)) if v}
+    with http_client(base_url, admin_key) as client:
+        rows = _call(client, "GET", "/v1/system/usage", params=params)["data"]
+    columns = ["date", "key_name", "model", "requests", "errors"]
+    columns += ["prompt_tokens", "cached_tokens", "completion_tokens"]
+    click.echo("\t".join(columns))
+    for row in sorted(rows, key=lambda r: (r["date"], r["key_name"], r["model"])):
+        click.echo("\t".join(str(row[c]) for c in columns))

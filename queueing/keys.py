@@ -76,6 +76,8 @@ RESCUE_DUE = f"{PREFIX}:recovery:rescue-due"
 # current minute and tokens in the current month (each expiring with its window), and its requests in flight.
 API_KEYS = f"{PREFIX}:apikeys"
 RATE_PREFIX = f"{PREFIX}:rate:"
+# The usage ledger (api/usage.py): one hash per day (UTC), a count per key, model and kind of count.
+USAGE_PREFIX = f"{PREFIX}:usage:"
 
 # Files API: one metadata hash per file (the bytes live in the file store) and an index by creation time.
 FILE_PREFIX = f"{PREFIX}:file:"
@@ -209,3 +211,8 @@ def rate_window_key(key_digest: str, what: str, window: int) -> str:
 
 def rate_inflight_key(key_digest: str) -> str:
     return f"{RATE_PREFIX}{key_digest}:inflight"
+
+
+def usage_day_key(date: str) -> str:
+    """The usage ledger's hash of one day (YYYY-MM-DD)."""
+    return f"{USAGE_PREFIX}{date}"

@@ -23,6 +23,7 @@ from api.batches.store import BatchStore
 from api.files import Files
 from api.jobs import Dispatcher, Limits, RunOptions
 from api.protocol.batches import TERMINAL, Batch, BatchError, BatchErrors, BatchStatus, ResultLine
+from api.usage import requested_account
 from queueing.catalog import Catalog
 from queueing.settings import Settings
 
@@ -148,6 +149,8 @@ class BatchDriver:
         return await asyncio.to_thread(parse, await self.files.read(file_id, owner), self.max_json_depth)
 
     async def _drive(self, batch_id: str) -> None:
+        # This task's lines count to the key that created the batch (api/usage.py).
+        requested_account.set(await self.store.account(batch_id))
         batch = await self.store.get(batch_id)
         if batch is None or batch.status in TERMINAL:
             await self.store.retire(batch_id)

@@ -21,6 +21,7 @@ from api.protocol.batches import (
     RequestCounts,
     ResultLine,
 )
+from api.usage import ANONYMOUS, Account
 from queueing import keys
 from queueing._codec import text
 
@@ -80,8 +81,9 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._leases = Leases(client)
 
-    async def create(self, batch: Batch, owner: str = "") -> None:
-        """``owner``: the creator's (api.auth.owner_of); only its key sees the batch and its files."""
+    async def create(self, batch: Batch, owner: str = "", account: Account = ANONYMOUS) -> None:
+        """``owner``: the creator's (api.auth.owner_of); only its key sees the batch and its files. Its
+        lines' usage counts to ``account`` (api/usage.py)."""
         key = keys.batch_key(batch.id)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -95,6 +97,8 @@ class BatchStore:
                     "input_tokens": 0,
                     "output_tokens": 0,
                     "owner": owner,
+                    "account_id": account.id,
+                    "account_name": account.name,
                 },
             )
             pipe.zadd(keys.BATCHES_INDEX, {batch.id: time.time()})
@@ -110,6 +114,12 @@ class BatchStore:
         if owner is not None and h.get("owner", "") != owner:
             return None
         return _batch(h)
+
+    async def account(self, batch_id: str) -> Account:
+        found = await self._r.hmget(keys.batch_key(batch_id), ["account_id", "account_name"])
+        if found[0] is None or found[1] is None:
+            return ANONYMOUS
+        return Account(text(found[0]), text(found[1]))
 
     async def owner(self, batch_id: str) -> str:
         raw = await self._r.hget(keys.batch_key(batch_id), "owner")

@@ -12,6 +12,7 @@ from api import errors
 from api.batches.driver import BatchDriver
 from api.deps import FilesDep, OwnerDep
 from api.protocol.batches import Batch, BatchCreateRequest, BatchList, RequestCounts, window_seconds
+from api.usage import requested_account
 
 router = APIRouter()
 
@@ -55,7 +56,7 @@ async def create_batch(body: BatchCreateRequest, request: Request, files: FilesD
         request_counts=RequestCounts(total=len(requests)),
         metadata=body.metadata,
     )
-    await driver.store.create(batch, owner)
+    await driver.store.create(batch, owner, requested_account.get())
     driver.wake()
     return batch
 

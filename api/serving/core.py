@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from api import errors
 from api.jobrun import JobRun
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.serving import fanout, structured
@@ -110,8 +111,25 @@ async def complete(
     disconnected: Disconnected | None,
     options: RunOptions = INTERACTIVE,
 ) -> Outcome:
-    finished, runs = await fanout.complete_all(dispatcher, work.jobs, disconnected, options)
-    return Outcome(work, finished, runs)
+    try:
+        finished, runs = await fanout.complete_all(dispatcher, work.jobs, disconnected, options)
+    except errors.ApiError:
+        await _ended(dispatcher, work, None)
+        raise
+    outcome = Outcome(work, finished, runs)
+    await _ended(dispatcher, work, outcome.usage)
+    return outcome
+
+
+async def _ended(dispatcher: Dispatcher, work: Work, used: TokenUsage | None) -> None:
+    """Count a request that ended (``used``: its usage, None when it failed) for its key's limits and in the
+    usage ledger. A token count (Anthropic's count_tokens) generates nothing and is not counted."""
+    if not work.jobs or work.jobs[0].kind == "count":
+        return
+    u = used or TokenUsage(0, 0)
+    await dispatcher.ended(
+        work.jobs[0].model, u.prompt_tokens, u.cached_tokens, u.completion_tokens, used is not None
+    )
 
 
 @dataclass
@@ -122,16 +140,29 @@ class Stream:
     work: Work
     runs: list[JobRun]
     stack: contextlib.AsyncExitStack
+    dispatcher: Dispatcher
     finished: list[events.Finished | None] = field(default_factory=list)
+    # Whether its end was counted (api/usage.py): once, when it ended or when it was closed unfinished.
+    counted: bool = False
 
     def __post_init__(self) -> None:
         self.finished = [None] * len(self.runs)
 
     async def events(self) -> AsyncIterator[tuple[int, events.Delta | events.Finished]]:
-        async for i, event in fanout.merged(self.runs):
-            if isinstance(event, events.Finished):
-                self.finished[i] = event
-            yield i, event
+        try:
+            async for i, event in fanout.merged(self.runs):
+                if isinstance(event, events.Finished):
+                    self.finished[i] = event
+                yield i, event
+        except errors.ApiError:
+            await self._count(None)
+            raise
+        await self._count(self.usage)
+
+    async def _count(self, used: TokenUsage | None) -> None:
+        if not self.counted:
+            self.counted = True
+            await _ended(self.dispatcher, self.work, used)
 
     @property
     def usage(self) -> TokenUsage:
@@ -142,6 +173,8 @@ class Stream:
         return workers_header(self.runs)
 
     async def close(self) -> None:
+        # A stream closed before its end (its client left) counts as a request that failed.
+        await self._count(None)
         await self.stack.aclose()
 
 
@@ -152,8 +185,13 @@ async def start_stream(
     options: RunOptions = INTERACTIVE,
 ) -> Stream:
     """Enqueue the jobs and wait until each was accepted: errors until then are plain HTTP errors."""
-    runs, stack = await fanout.start_streams(dispatcher, work.jobs, disconnected, options)
-    return Stream(work, runs, stack)
+    try:
+        runs, stack = await fanout.start_streams(dispatcher, work.jobs, disconnected, options)
+    except errors.ApiError:
+        await _ended(dispatcher, work, None)
+        raise
+    # A resumed stream was counted by the request that started it.
+    return Stream(work, runs, stack, dispatcher, counted=options.replay)
 
 
 def chat_work(

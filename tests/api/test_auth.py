@@ -46,8 +46,8 @@ def all_routes(app: FastAPI) -> list[tuple[str, str]]:
 
 
 def is_management_write(method: str, path: str) -> bool:
-    """Routes only the admin key may use: management writes, and every route of managed keys."""
-    keys_route = path.startswith("/v1/system/keys")
+    """Routes only the admin key may use: management writes, and every route of managed keys and usage."""
+    keys_route = path.startswith(("/v1/system/keys", "/v1/system/usage"))
     return keys_route or (path.startswith("/v1/system/") and method not in ("GET", "HEAD", "OPTIONS"))
 
 

@@ -226,3 +226,83 @@ def test_a_key_cannot_read_another_keys_responses_files_or_batches(
     assert json.loads(one.files.content(done.output_file_id).text)["custom_id"] == "1"
     with pytest.raises(openai.NotFoundError):
         two.files.content(done.output_file_id)
+
+
+def sse_data(r: httpx.Response) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line
+    ]
+
+
+def test_the_usage_ledger_adds_up_to_the_usage_the_clients_were_told(fleets: tuple[Fleet, Fleet]) -> None:
+    """Chat (n=2, streamed), completions, responses (streamed), messages and a batch, on both processes: the
+    ledger's totals for the key are the sums of the usage each client received."""
+    a, b = fleets
+    created = create_key(a, "ledger")
+    auth = {"Authorization": f"Bearer {created['key']}"}
+    told = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
+
+    def add(prompt: int, completion: int, cached: int = 0) -> None:
+        told["requests"] += 1
+        told["prompt_tokens"] += prompt
+        told["completion_tokens"] += completion
+        told["cached_tokens"] += cached
+
+    def post(fleet: Fleet, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{fleet.base_url}{path}", json=body, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def chat_usage(u: dict[str, Any]) -> None:
+        add(
+            u["prompt_tokens"],
+            u["completion_tokens"],
+            (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        )
+
+    chat_usage(post(a, "/v1/chat/completions", {**CHAT, "n": 2})["usage"])
+    chat_usage(post(b, "/v1/completions", {"model": "scripted", "prompt": "Once", "max_tokens": 4})["usage"])
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{b.base_url}/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+        chat_usage(sse_data(r)[-1]["usage"])
+    for streamed in (False, True):
+        body = {"model": "scripted", "input": "Hi", "max_output_tokens": 5, "stream": streamed}
+        if streamed:
+            with httpx.stream("POST", f"{a.base_url}/v1/responses", json=body, headers=auth, timeout=60) as r:
+                u = sse_data(r)[-1]["response"]["usage"]
+        else:
+            u = post(a, "/v1/responses", body)["usage"]
+        add(u["input_tokens"], u["output_tokens"], u["input_tokens_details"]["cached_tokens"])
+    message = {"model": "scripted", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    u = post(b, "/v1/messages", message)["usage"]
+    cache_read = u.get("cache_read_input_tokens") or 0
+    add(u["input_tokens"] + cache_read, u["output_tokens"], cache_read)
+
+    one = openai.OpenAI(base_url=f"{a.base_url}/v1", api_key=created["key"], max_retries=0)
+    lines = [
+        {"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions", "body": CHAT} for i in range(2)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    file = one.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = one.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 60
+    while (done := one.batches.retrieve(batch.id)).status != "completed":
+        assert time.monotonic() < deadline, done.status
+        time.sleep(0.2)
+    assert done.output_file_id is not None
+    for line in one.files.content(done.output_file_id).text.splitlines():
+        chat_usage(json.loads(line)["response"]["body"]["usage"])
+
+    r = httpx.get(f"{b.base_url}/v1/system/usage", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    rows = [row for row in r.json()["data"] if row["key_id"] == created["id"]]
+    assert [(row["key_name"], row["model"]) for row in rows] == [("ledger", "scripted")]
+    ledger = {k: rows[0][k] for k in told}
+    assert ledger == told and rows[0]["errors"] == 0
+    # Prometheus counts by the key's name, never the key.
+    scraped = httpx.get(f"{a.base_url}/metrics", timeout=30).text + httpx.get(f"{b.base_url}/metrics").text
+    assert 'inferq_key_requests_total{key="ledger",model="scripted",outcome="ok"}' in scraped
+    assert 'inferq_key_tokens_total{key="ledger",kind="completion",model="scripted"}' in scraped
+    assert created["key"] not in scraped
