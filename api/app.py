@@ -29,6 +29,7 @@ from api.jobs import ROUTING_HEADER, Dispatcher, Limits, parse_routing, requeste
 from api.keystore import KeyStore
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
+from api.priority import PRIORITY_HEADER, parse_header, requested_class
 from api.redis_pool import ShrinkingPool
 from api.redis_timeouts import loop_fair
 from api.requeue_sweep import RequeueSweep
@@ -64,6 +65,7 @@ async def _routing_header(connection: HTTPConnection) -> None:
     """Reads the per-request routing override once for every endpoint (see api.jobs.requested_routing);
     an HTTPConnection, so that WebSocket routes (Responses' WebSocket mode) get it too."""
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
+    requested_class.set(parse_header(connection.headers.get(PRIORITY_HEADER)))
     session = next((v for h in SESSION_HEADERS if (v := connection.headers.get(h))), None)
     requested_session.set(session_digest(session))
     requested_owner.set(owner_of(key_of(connection.headers)))

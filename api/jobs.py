@@ -19,6 +19,7 @@ from api import errors
 from api.control import FleetControl
 from api.jobrun import JobRun
 from api.keystore import requested_key
+from api.priority import effective
 from api.ratelimit import Limiter
 from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
@@ -169,7 +170,9 @@ class Dispatcher:
         self, job: Job, disconnected: Disconnected | None = None, options: RunOptions = INTERACTIVE
     ) -> AsyncIterator[JobRun]:
         limits = options.limits or self.limits
-        update: dict[str, object] = {"priority": options.priority}
+        # An interactive request queues in the class it asked for, at most its key's (api/priority.py).
+        priority = effective() if options.priority == "interactive" else options.priority
+        update: dict[str, object] = {"priority": priority}
         if job.session is None and (session := requested_session.get()) is not None:
             update["session"] = session
         job = job.model_copy(update=update)

@@ -12,6 +12,7 @@ import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aredis
 from pydantic import BaseModel, Field
@@ -41,6 +42,9 @@ class KeyLimits(BaseModel):
     max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
     monthly_tokens: int | None = Field(None, ge=1, description="Tokens per calendar month (UTC).")
     models: list[str] | None = Field(None, description="The models it may call; None: every model.")
+    max_priority: Literal["low", "normal", "high"] | None = Field(
+        None, description="The highest priority class it may use (api/priority.py); None: high."
+    )
 
 
 class KeyCreate(KeyLimits):

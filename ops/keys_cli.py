@@ -10,7 +10,7 @@ import httpx
 
 from ops.batch_client import DEFAULT_BASE_URL, http_client
 
-_LIMITS = ("rpm", "tpm", "max_concurrent", "monthly_tokens")
+_LIMITS = ("rpm", "tpm", "max_concurrent", "monthly_tokens", "max_priority")
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
@@ -43,6 +43,9 @@ def keys(ctx: click.Context, base_url: str, admin_key: str | None) -> None:
 @click.option("--max-concurrent", type=int, default=None, help="Requests in flight at once.")
 @click.option("--monthly-tokens", type=int, default=None, help="Tokens per calendar month (UTC).")
 @click.option("--model", "models", multiple=True, help="A model it may call (repeatable; default: all).")
+@click.option(
+    "--max-priority", type=click.Choice(["low", "normal", "high"]), default=None, help="Its highest class."
+)
 @click.pass_obj
 def create(
     client: httpx.Client,
@@ -52,11 +55,13 @@ def create(
     max_concurrent: int | None,
     monthly_tokens: int | None,
     models: tuple[str, ...],
+    max_priority: str | None,
 ) -> None:
     """Create a key named NAME; prints the key (shown this once) and its id."""
     body: dict[str, Any] = {"name": name, "rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent}
     body["monthly_tokens"] = monthly_tokens
     body["models"] = list(models) or None
+    body["max_priority"] = max_priority
     created = _call(client, "POST", "/v1/system/keys", json=body)
     click.echo(created["key"])
     click.echo(f"id {created['id']} (the key is not shown again)", err=True)

@@ -76,6 +76,6 @@ def enqueue(app: Celery, job: Job, worker: str | None = None) -> None:
         # Flower's pages would otherwise read.
         argsrepr=f"[{job.kind} {job.model} {job.id} attempt {job.attempt}]",
         kwargsrepr="{}",
-        priority=keys.BATCH_PRIORITY if job.priority == "batch" else keys.INTERACTIVE_PRIORITY,
+        priority=keys.MESSAGE_PRIORITY[job.priority],
         retry=False,
     )

@@ -42,9 +42,11 @@ class Sampling(BaseModel):
 
 # count: only the prompt's token count, with the model's own tokenizer (the API never loads one).
 JobKind = Literal["chat", "completion", "embedding", "count"]
-# Batch lines queue behind interactive requests (keys.BATCH_PRIORITY); kept on the job so that a re-queue
-# after a worker died keeps the line's priority.
-Priority = Literal["interactive", "batch"]
+# The class a job queues in (keys.MESSAGE_PRIORITY): high, interactive (the "normal" class, every request's
+# by default), low, then batch lines. Kept on the job so that a re-queue after a worker died keeps it.
+Priority = Literal["high", "interactive", "low", "batch"]
+# From the one served first to the one served last.
+PRIORITY_ORDER: tuple[Priority, ...] = ("high", "interactive", "low", "batch")
 
 
 class Job(BaseModel):

@@ -8,9 +8,9 @@ PREFIX = "inferq"
 GENERATE_TASK = "inferq.generate"
 
 # Message priorities on the Redis transport, where 0 is served first: a worker pops every queue's priority-0
-# list before any lower-priority list, so a batch line never waits in front of an interactive request.
-INTERACTIVE_PRIORITY = 0
-BATCH_PRIORITY = 9
+# list before any lower-priority list, so a batch line never waits in front of an interactive request, nor a
+# low-class request in front of a normal one (queueing.jobs.Priority: its class).
+MESSAGE_PRIORITY = {"high": 0, "interactive": 3, "low": 6, "batch": 9}
 
 # One shared queue per model; workers consume the queues of the models they have loaded. Every worker also
 # consumes a queue of its own, which the routing strategies other than `queue` send to.
@@ -110,9 +110,11 @@ def worker_queue(name: str) -> str:
     return f"{WORKER_QUEUE_PREFIX}{name}"
 
 
-def queue_list_keys(queue: str) -> list[str]:
-    """The Redis lists that hold one kombu queue's messages, one per priority step."""
-    return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+def queue_list_keys(queue: str, below: int | None = None) -> list[str]:
+    """The Redis lists that hold one kombu queue's messages, one per priority step (those served before
+    ``below`` only, when given)."""
+    steps = [p for p in KOMBU_PRIORITY_STEPS if below is None or p < below]
+    return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in steps]
 
 
 def worker_jobs_key(name: str) -> str:

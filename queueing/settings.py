@@ -201,8 +201,8 @@ class Settings(BaseSettings):
     )
     batch_preempt: bool = Field(
         True,
-        description="A batch line running in a worker's last free slot stops and goes back to the queue "
-        "when an interactive request waits for that worker (at most 3 times per line).",
+        description="A batch line or lower-class job running in a worker's last free slot stops and goes "
+        "back to the queue when a request of a higher class waits for that worker (at most 3 times per job).",
     )
     batch_no_worker_timeout: float = Field(
         600.0, description="How long a batch line waits for a worker that serves its model before it fails."

@@ -1,10 +1,12 @@
-"""When a running batch line gives its slot to an interactive request.
+"""When a running job gives its slot to a request of a higher class.
 
-A worker takes the next message only when a slot frees, so without this an interactive request that
-arrives while every slot runs a batch line waits for one of those lines to finish. Instead, a batch line
-looks every few tens of milliseconds for interactive messages waiting on the queues this worker consumes
-(only their priority-0 lists: batch lines sit in the lowest one), and if there is one it stops and goes back
-to the queue as its next attempt; the freed slot then pops the interactive message first.
+A worker takes the next message only when a slot frees, so without this a request that arrives while every
+slot runs lower-class work waits for one of those jobs to finish. Instead, a batch line or a low-class job
+(and a normal one until its first token) looks every few tens of milliseconds for messages of a higher class
+waiting on the queues this worker consumes (only the priority lists above its own), and if there is one it
+stops and goes back to the queue as its next attempt; the freed slot then pops the higher-class message
+first. A stream that gave its slot up after sending text continues where it stopped when it runs again
+(workers/migration.py).
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ import redis
 from queueing import keys
 from queueing.jobs import Job
 
-# KEYS: this worker's own queue, then per model its shared queue and its preempt counter. ARGV: ms a yield
-# counts against a model's waiting requests. A request in the worker's own queue can only be served here;
+# KEYS: this worker's own queue's lists above the job's class, then per model its preempt counter and its
+# shared queue's lists above the job's class. ARGV: ms a yield counts against a model's waiting requests, how
+# many lists a queue has above the job's class. A request in the worker's own queue can only be served here;
 # one in a shared queue is yielded for by as many workers as there are such requests, not by all of them.
 _WANTED = """
-if redis.call('LLEN', KEYS[1]) > 0 then return 1 end
-for i = 2, #KEYS, 2 do
-  local waiting = redis.call('LLEN', KEYS[i])
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  if redis.call('LLEN', KEYS[i]) > 0 then return 1 end
+end
+for base = n + 1, #KEYS, n + 1 do
+  local waiting = 0
+  for j = 1, n do waiting = waiting + redis.call('LLEN', KEYS[base + j]) end
   if waiting > 0 then
-    local yielded = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+    local yielded = tonumber(redis.call('GET', KEYS[base]) or '0')
     if yielded < waiting then
-      redis.call('INCR', KEYS[i + 1])
-      redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+      redis.call('INCR', KEYS[base])
+      redis.call('PEXPIRE', KEYS[base], ARGV[1])
       return 1
     end
   end
@@ -47,7 +54,11 @@ class Preemption:
 
     def wanted(self, job: Job, models: list[str], busy: int) -> bool:
         """Should ``job`` give its slot up now? ``busy`` is how many jobs this worker runs."""
-        if job.priority != "batch" or busy < self.slots or job.attempt > self.max_yields:
+        own = keys.MESSAGE_PRIORITY[job.priority]
+        if own == 0 or busy < self.slots or job.attempt > self.max_yields:
             return False
-        queues = [k for m in models for k in (keys.model_queue(m), keys.preempt_key(m))]
-        return bool(self._wanted(keys=[keys.worker_queue(self.worker), *queues], args=[self.hold_ms]))
+        above = keys.queue_list_keys(keys.worker_queue(self.worker), below=own)
+        for m in models:
+            above += [keys.preempt_key(m), *keys.queue_list_keys(keys.model_queue(m), below=own)]
+        n = len(keys.queue_list_keys(keys.worker_queue(self.worker), below=own))
+        return bool(self._wanted(keys=above, args=[self.hold_ms, n]))

@@ -163,7 +163,7 @@ class JobRunner:
         except Yielded as exc:
             # Neither done nor failed: it runs again, here or elsewhere.
             yielded = True
-            logger.info("batch job %s attempt %d yielded its slot", job.id, job.attempt)
+            logger.info("%s job %s attempt %d yielded its slot", job.priority, job.id, job.attempt)
             return exc.again
         except ContextLengthExceeded as exc:
             param = {"completion": "prompt", "embedding": "input"}.get(job.kind, "messages")
@@ -385,13 +385,17 @@ class JobRunner:
         self, job: Job, abort: Callable[[str], None], outputs: Iterator[Output], watch: _Watch
     ) -> Iterator[Output]:
         """Pass outputs through, asking the engine to stop once the job was cancelled (client gone) or, for
-        a batch line, once an interactive request waits for this worker's slot (``watch.yielded``)."""
+        a job of a class that yields (workers/preempt.py), once a request of a higher class waits for this
+        worker's slot (``watch.yielded``)."""
         now = time.monotonic()
         next_poll = now + self._cancel_poll
-        may_yield = self._preemption is not None and job.priority == "batch"
+        # Batch lines and low-class jobs yield at any point; a normal one only until its first token.
+        may_yield = self._preemption is not None and job.priority != "high"
         next_yield_poll = now + self._preempt_poll
         for out in outputs:
             yield out
+            if out.text and job.priority == "interactive":
+                may_yield = False
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + self._cancel_poll

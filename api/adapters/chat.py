@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Response
 
-from api import errors, resume
+from api import errors, priority, resume
 from api.protocol.base import PromptTokensDetails, Usage
 from api.protocol.chat import (
     AssistantMessage,
@@ -83,6 +83,8 @@ def work(
 ) -> tuple[structured.Plan, core.Work]:
     plan = structured.plan(conversation(body))
     sampling = body.to_sampling(spec, plan.json_schema)
+    tier = (body.model_extra or {}).get("service_tier")
+    priority.ask_tier(tier if isinstance(tier, str) else None)
     return plan, core.chat_work(body.model, plan, sampling, n=body.n, stream=body.stream, ids=ids)
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from api import errors
+from api import errors, priority
 from api.adapters.responses_items import context_items, turns
 from api.protocol.responses import (
     AllowedToolsChoice,
@@ -150,6 +150,7 @@ def prepare(
     """``context``: the items the model sees, when the caller built them (compaction); by default the
     previous response's conversation and this request's input."""
     _refuse(body)
+    priority.ask_tier(body.service_tier)
     context = context if context is not None else context_items(previous, body.input)
     plan = structured.plan(conversation(body, context))
     s = sampling(body, spec, plan)

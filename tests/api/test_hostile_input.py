@@ -69,7 +69,7 @@ def fleet(redis_client: redis.Redis) -> redis.Redis:
 
 def no_jobs(client: redis.Redis) -> None:
     assert client.keys(f"{keys.JOB_PREFIX}*") == []
-    assert client.llen(keys.model_queue(MODEL)) == 0
+    assert sum(client.llen(k) for k in keys.queue_list_keys(keys.model_queue(MODEL))) == 0
 
 
 def json_routes(app: FastAPI) -> list[tuple[str, str]]:

@@ -229,7 +229,8 @@ def test_killed_worker_leaves_and_its_jobs_complete_elsewhere(tmp_path: Path) ->
             deadline = time.monotonic() + 15
             running, waiting = jobs_of(r, "r1")
             # (The waiting job's message reaches r1's queue just after routing recorded it.)
-            while (len(running), len(waiting), r.llen(keys.worker_queue("r1"))) != (LIMIT, 1, 1):
+            queued = keys.queue_list_keys(keys.worker_queue("r1"))
+            while (len(running), len(waiting), sum(r.llen(k) for k in queued)) != (LIMIT, 1, 1):
                 assert time.monotonic() < deadline, f"r1 never held its three jobs: {running}, {waiting}"
                 time.sleep(0.02)
                 running, waiting = jobs_of(r, "r1")

@@ -1,5 +1,5 @@
-"""Batch lines are queued behind interactive requests: kombu's Redis transport keeps each priority in a list
-of its own and pops priority 0 first."""
+"""Each class queues behind the ones above it (high, interactive, low, then batch lines): kombu's Redis
+transport keeps each priority in a list of its own and pops priority 0 first."""
 
 from __future__ import annotations
 
@@ -33,13 +33,32 @@ def test_batch_jobs_go_to_the_lowest_priority_list(
     finally:
         app.close()
     queue = keys.model_queue("m")
-    base, *_, lowest = keys.queue_list_keys(queue)
-    assert lowest == f"{queue}{keys.KOMBU_PRIORITY_SEP}{keys.BATCH_PRIORITY}"
-    assert (redis_client.llen(base), redis_client.llen(lowest)) == (1, 2)
+    lowest = keys.queue_list_keys(queue)[-1]
+    assert lowest == f"{queue}{keys.KOMBU_PRIORITY_SEP}{keys.MESSAGE_PRIORITY['batch']}"
+    assert (redis_client.llen(keys.queue_list_keys(queue)[1]), redis_client.llen(lowest)) == (1, 2)
     assert redis_client.llen(keys.queue_list_keys(keys.worker_queue("w1"))[-1]) == 1
     # The job on the wire keeps its priority, so a re-queue after a worker died keeps it too.
     message = json.loads(redis_client.lindex(lowest, 0))  # type: ignore[arg-type]
-    assert message["properties"]["priority"] == keys.BATCH_PRIORITY
+    assert message["properties"]["priority"] == keys.MESSAGE_PRIORITY["batch"]
+
+
+def test_each_class_has_a_list_of_its_own_served_in_class_order(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    app = create_celery(Settings(redis_url=redis_server.url), CATALOG)
+    try:
+        for priority in ("batch", "low", "interactive", "high"):
+            enqueue(app, job(priority))
+    finally:
+        app.close()
+    # The lists in the order a worker pops them: one message each, the classes from high to batch.
+    found = []
+    for key in keys.queue_list_keys(keys.model_queue("m")):
+        assert redis_client.llen(key) == 1
+        found.append(json.loads(redis_client.lindex(key, 0))["properties"]["priority"])  # type: ignore[arg-type]
+    assert (
+        found == [keys.MESSAGE_PRIORITY[p] for p in ("high", "interactive", "low", "batch")] == [0, 3, 6, 9]
+    )
 
 
 def test_the_message_headers_never_show_the_prompt(
@@ -48,7 +67,7 @@ def test_the_message_headers_never_show_the_prompt(
     # Flower and task events show argsrepr: anyone who can open Flower's pages would read prompts there.
     app = create_celery(Settings(redis_url=redis_server.url), CATALOG)
     sent = [
-        Job(model="m", messages=[ChatMessage(role="user", content="my secret prompt")]),
+        Job(model="m", messages=[ChatMessage(role="user", content="my secret prompt")], priority="high"),
         Job(model="m", kind="completion", prompt="my secret prompt"),
         Job(model="m", kind="embedding", inputs=["my secret prompt"]),
     ]
@@ -58,7 +77,11 @@ def test_the_message_headers_never_show_the_prompt(
     finally:
         app.close()
     # LPUSH: the list holds the newest first.
-    for job, raw in zip(sent[::-1], redis_client.lrange(keys.model_queue("m"), 0, -1), strict=True):
+    messages = [
+        m for key in keys.queue_list_keys(keys.model_queue("m")) for m in redis_client.lrange(key, 0, -1)
+    ]
+    assert len(messages) == 3
+    for raw in messages:
         headers = json.loads(raw)["headers"]
         assert "secret" not in json.dumps(headers)
-        assert job.id in headers["argsrepr"] and headers["kwargsrepr"] == "{}"
+        assert any(job.id in headers["argsrepr"] for job in sent) and headers["kwargsrepr"] == "{}"

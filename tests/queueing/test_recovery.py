@@ -242,7 +242,8 @@ def test_api_sweep_puts_the_job_on_its_models_queue(
 
     assert asyncio.run(sweep()) == [job.id]
     assert ledger(redis_client) == {}
-    (raw,) = redis_client.lrange(keys.model_queue(job.model), 0, -1)
+    lists = keys.queue_list_keys(keys.model_queue(job.model))
+    (raw,) = [m for key in lists for m in redis_client.lrange(key, 0, -1)]
     body = json.loads(base64.b64decode(json.loads(raw)["body"]))
     assert body[0][0]["id"] == job.id and body[0][0]["attempt"] == 2
 

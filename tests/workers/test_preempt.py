@@ -1,4 +1,5 @@
-"""Batch lines giving their slot to interactive requests, against a real Redis."""
+"""Jobs giving their slot to requests of a higher class (batch lines to interactive ones, any class to a
+higher one), against a real Redis."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from engines.base import GenerationRequest, Output
 from ops.redis_server import RedisServer
 from queueing import keys
 from queueing.catalog import Catalog
-from queueing.jobs import ChatMessage, Job, JobState
+from queueing.jobs import ChatMessage, Job, JobState, Priority
 from queueing.jobstore import JobStore
 from tests.queueing.test_jobstore import create
 from workers.models import ModelManager
@@ -26,10 +27,14 @@ def batch_job(attempt: int = 1) -> Job:
     )
 
 
-def interactive_waiting(client: redis.Redis, queue: str, n: int = 1) -> None:
-    # What kombu pushes for a priority-0 message: its queue's own list (batch lines go to "<queue>\x06\x169").
+def interactive_waiting(
+    client: redis.Redis, queue: str, n: int = 1, priority: Priority = "interactive"
+) -> None:
+    # What kombu pushes for a message of that class: the list of its priority (high: the queue's own list;
+    # interactive: "<queue>" + KOMBU_PRIORITY_SEP + "3"; batch lines: ... + "9").
+    step = keys.KOMBU_PRIORITY_STEPS.index(keys.MESSAGE_PRIORITY[priority])
     for _ in range(n):
-        client.lpush(queue, b"{}")
+        client.lpush(keys.queue_list_keys(queue)[step], b"{}")
 
 
 def test_one_waiting_request_makes_one_worker_yield(redis_client: redis.Redis) -> None:
@@ -42,13 +47,21 @@ def test_one_waiting_request_makes_one_worker_yield(redis_client: redis.Redis) -
     assert b.wanted(batch_job(), ["m"], busy=1), "two waiting, two yield"
 
 
-def test_only_full_workers_yield_and_only_batch_lines(redis_client: redis.Redis) -> None:
+def test_only_full_workers_yield_and_only_to_a_higher_class(redis_client: redis.Redis) -> None:
     p = Preemption(redis_client, "a", slots=2)
     interactive_waiting(redis_client, keys.model_queue("m"))
     assert not p.wanted(batch_job(), ["m"], busy=1), "a free slot takes the request without yielding"
-    assert not p.wanted(batch_job().model_copy(update={"priority": "interactive"}), ["m"], busy=2)
+    as_class = {c: batch_job().model_copy(update={"priority": c}) for c in ("high", "interactive", "low")}
+    assert not p.wanted(as_class["interactive"], ["m"], busy=2), "the same class waits its turn"
+    interactive_waiting(redis_client, keys.model_queue("m"), priority="high")
+    assert p.wanted(as_class["interactive"], ["m"], busy=2)
+    # Two requests above a low job wait, one of them yielded for already: one more job yields.
+    assert p.wanted(as_class["low"], ["m"], busy=2)
+    assert not p.wanted(as_class["high"], ["m"], busy=2), "nothing is above high"
     assert not p.wanted(batch_job(attempt=4), ["m"], busy=2), "a line yields at most three times"
     assert not p.wanted(batch_job(), ["other"], busy=2), "a request for a model not loaded here"
+    assert not p.wanted(batch_job(), ["m"], busy=2), "both waiting requests have a job yielding for them"
+    interactive_waiting(redis_client, keys.model_queue("m"))
     assert p.wanted(batch_job(), ["m"], busy=2)
 
 

@@ -1,0 +1,108 @@
+"""Priority classes end to end (api/priority.py, workers/preempt.py): requests waiting for a one-slot worker
+are served high first, then normal, then low, whichever came first; a running low-class stream gives its
+slot to a high-class request and then continues where it stopped, nothing repeated or lost.
+
+Scripted engine at a fixed speed: what is timed is the scheduling (API, Redis, Celery and worker are real)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from engines.scripted import WORDS
+from ops.redis_server import RedisServer
+from tests.fleet import Fleet, write_catalog
+
+pytestmark = pytest.mark.e2e
+
+SPEED = 50  # tokens per second
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    server = RedisServer()
+    tmp = tmp_path_factory.mktemp("priority")
+    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(write_catalog(tmp / "models.yaml")))
+    try:
+        f.start_api()
+        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
+        f.start_worker("p-one", "scripted", args=["--engine", "scripted", "--concurrency", "1"], env=env)
+        yield f
+    finally:
+        f.close()
+        server.stop()
+
+
+def ask(fleet: Fleet, max_tokens: int, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+    payload = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens}
+    return httpx.post(
+        f"{fleet.base_url}/v1/chat/completions", json={**payload, **body}, headers=headers or {}, timeout=60
+    )
+
+
+def test_waiting_requests_are_served_by_class_not_by_arrival(fleet: Fleet) -> None:
+    done: dict[str, float] = {}
+
+    def run(name: str, max_tokens: int, headers: dict[str, str] | None = None, **body: Any) -> None:
+        r = ask(fleet, max_tokens, headers, **body)
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    # A normal request holds the only slot for about a second (it has sent tokens: it does not yield).
+    blocker = threading.Thread(target=run, args=("blocker", SPEED))
+    blocker.start()
+    time.sleep(0.4)
+    # Then, in this order: a low one (header), a normal one, a high one (OpenAI's service_tier).
+    waiting = [
+        threading.Thread(target=run, args=("low", 3, {"x-inferq-priority": "low"})),
+        threading.Thread(target=run, args=("normal", 3)),
+        threading.Thread(target=run, args=("high", 3), kwargs={"service_tier": "priority"}),
+    ]
+    for t in waiting:
+        t.start()
+        time.sleep(0.1)
+    for t in (blocker, *waiting):
+        t.join(60)
+    assert sorted(done, key=done.__getitem__) == ["blocker", "high", "normal", "low"]
+
+
+def test_a_running_low_stream_gives_its_slot_to_a_high_request_then_goes_on(fleet: Fleet) -> None:
+    tokens = 100  # two seconds alone
+    text: list[str] = []
+    first_text = threading.Event()
+    ended: dict[str, float] = {}
+
+    def stream() -> None:
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": tokens}
+        body["stream"] = True
+        headers = {"x-inferq-priority": "low"}
+        url = f"{fleet.base_url}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for choice in json.loads(line[6:])["choices"]:
+                        if content := choice["delta"].get("content"):
+                            text.append(content)
+                            first_text.set()
+        ended["low"] = time.monotonic()
+
+    low = threading.Thread(target=stream)
+    low.start()
+    assert first_text.wait(30)
+    time.sleep(0.3)
+    asked = time.monotonic()
+    high = ask(fleet, 3, {"x-inferq-priority": "high"})
+    took = time.monotonic() - asked
+    low.join(60)
+    assert high.status_code == 200
+    # Alone it would have waited for the low stream's rest (more than a second).
+    assert took < 1.0, f"the high request took {took:.2f} s"
+    assert ended["low"] > asked + took
+    # The low stream went on from where it stopped: the script's words, each once.
+    assert "".join(text) == "".join(" " + WORDS[i % len(WORDS)] for i in range(1, tokens + 1))
