@@ -110,7 +110,9 @@ def test_requests_per_minute_hold_across_both_processes_with_headers_that_count_
     key = create_key(a, "rpm", rpm=5)["key"]
     window_start()
     answers = [chat((a, b)[i % 2], key) for i in range(8)]
-    assert [r.status_code for r in answers] == [200] * 5 + [429] * 3
+    statuses = [r.status_code for r in answers]
+    print(f"\nrpm 5, 8 requests alternating two API processes: {statuses}")  # noqa: T201 (shown with -s)
+    assert statuses == [200] * 5 + [429] * 3
     assert [r.headers["x-ratelimit-remaining-requests"] for r in answers[:5]] == ["4", "3", "2", "1", "0"]
     assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"5"}
     refused = answers[5]
@@ -151,6 +153,7 @@ def test_tokens_per_minute_hold_across_both_processes_to_within_one_request(
     assert refused is not None, f"never refused after {sum(used)} tokens"
     assert refused.json()["error"]["type"] == "tokens"
     # Refused once the window's tokens were spent, and not before: over by less than the last request.
+    print(f"\ntpm {tpm}: {len(used)} admitted using {used} = {sum(used)} tokens, then 429")  # noqa: T201
     assert sum(used[:-1]) < tpm <= sum(used)
     # The headers count down what was used.
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
@@ -174,6 +177,8 @@ def test_a_revoked_key_is_refused_within_a_second_on_every_process(fleets: tuple
                 r = httpx.get(f"{fleet.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
                 if r.status_code == 401:
                     refused_after[name] = time.monotonic() - revoked
+    took = ", ".join(f"{k} {v:.3f} s" for k, v in sorted(refused_after.items()))
+    print(f"\nrevoked key refused after: {took}")  # noqa: T201 (the figures, shown with -s)
     assert set(refused_after) == {"a", "b"} and max(refused_after.values()) < 1.0, refused_after
     assert admin(a, "DELETE", f"/{created['id']}").status_code == 404
 
