@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from api import errors
 from api.batches.driver import BatchDriver
 from api.deps import FilesDep, OwnerDep
+from api.keystore import requested_key
 from api.protocol.batches import Batch, BatchCreateRequest, BatchList, RequestCounts, window_seconds
 from api.usage import requested_account
 
@@ -42,6 +43,12 @@ async def create_batch(body: BatchCreateRequest, request: Request, files: FilesD
     # Every line is checked now: a malformed file is refused with its line numbers instead of failing later.
     requests = await driver.read_input(source.id, owner)
     models = {line.request.body.get("model") for line in requests}
+    key = requested_key.get()
+    if key is not None and key.models is not None:
+        # The lines run without the request's key around them: a model the key may not call is refused now.
+        refused = sorted(str(m) for m in models if m is not None and m not in key.models)
+        if refused:
+            raise errors.model_not_found(refused[0])
     now = int(time.time())
     batch = Batch(
         id=f"batch_{uuid.uuid4().hex}",

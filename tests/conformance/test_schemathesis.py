@@ -61,6 +61,8 @@ NOTHING_TO_INVALIDATE = {
     "GET /v1/system/health",
     "GET /v1/system/models",
     "GET /v1/system/queues",
+    "GET /v1/system/keys",
+    "DELETE /v1/system/keys/{key_id}",
     "POST /v1/batches/{batch_id}/cancel",
     "POST /v1/responses/{response_id}/cancel",
 }

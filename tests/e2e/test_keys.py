@@ -190,6 +190,12 @@ def test_a_key_limited_to_some_models_sees_and_calls_only_those(fleets: tuple[Fl
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     listed = httpx.get(f"{a.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert [m["id"] for m in listed.json()["data"]] == []
+    # Nor through a batch, whose lines run later.
+    narrow = openai.OpenAI(base_url=f"{a.base_url}/v1", api_key=key, max_retries=0)
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
+    file = narrow.files.create(file=("in.jsonl", io.BytesIO(json.dumps(line).encode())), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        narrow.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
 
 
 def test_a_key_cannot_read_another_keys_responses_files_or_batches(
