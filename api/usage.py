@@ -89,7 +89,8 @@ class UsageLedger:
         key = keys.usage_day_key(today())
         # One hash per day; a field per account, model and count ("<id>\t<name>\t<model>\t<count>").
         base = f"{account.id}\t{account.name}\t{model}\t"
-        async with self._r.pipeline(transaction=True) as pipe:
+        # Each HINCRBY is atomic on its own: one round trip, no transaction needed.
+        async with self._r.pipeline(transaction=False) as pipe:
             pipe.hincrby(key, base + "requests", 1)
             if not ok:
                 pipe.hincrby(key, base + "errors", 1)
