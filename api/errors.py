@@ -28,7 +28,13 @@ logger = logging.getLogger(__name__)
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, type: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -36,6 +42,8 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        # Sent with the error when it is the answer (Retry-After of a full queue).
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -194,7 +202,7 @@ def respond(path: str, err: ApiError, headers: Mapping[str, str] | None = None) 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return respond(request.url.path, exc)
+    return respond(request.url.path, exc, exc.headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ import redis.asyncio as aredis
 from celery import Celery
 
 from api import errors
+from api.admission import QueueBound
 from api.control import FleetControl
 from api.jobrun import JobRun
 from api.keystore import requested_key
@@ -115,6 +116,8 @@ class Dispatcher:
         self.limits = limits
         self.catalog = catalog
         self.default_routing = parse_routing(settings.routing) or "queue"
+        # A model's queue holds at most this many waiting requests (api/admission.py).
+        self.bound = QueueBound(client, settings.max_queued)
         # Resumable streams (api/resume.py): how long their log is kept, how long a left client is awaited.
         self.stream_log_ttl = settings.stream_log_ttl
         self.reconnect_grace = settings.stream_reconnect_grace
@@ -178,6 +181,9 @@ class Dispatcher:
         job = job.model_copy(update=update)
         # A resumed stream follows a job that exists (api/routes/streams.py), even with no worker left.
         workers = [] if options.replay else await self.candidates(job.model, limits)
+        if not (options.resume or options.replay) and priority != "batch":
+            # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
+            await self.bound.admit(job.model)
         async with self.hub.subscribe(job.id) as sub:
             live = False
             if options.resume:

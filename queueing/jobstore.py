@@ -23,13 +23,16 @@ from queueing.settings import get_settings
 # Unsent-ledger scores are Redis' own clock in ms (TIME in the scripts): one clock for every process. A
 # record that ended is kept only the retention more (PEXPIRE), never longer than the TTL it already has.
 
-# KEYS: job, worker's job set, worker's assigned set. ARGV: attempt, worker, now, job id.
+# KEYS: job, worker's job set, worker's assigned set, the model's drain bucket (keys.drain_key). ARGV:
+# attempt, worker, now, job id.
 _CLAIM = """
 redis.call('SREM', KEYS[3], ARGV[4])
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], 120000)
 return 1
 """
 
@@ -239,8 +242,15 @@ class JobStore:
         self._rescue = client.register_script(_RESCUE_UNCLAIMED)
 
     def claim(self, job: Job, worker: str) -> bool:
-        keys_ = [keys.job_key(job.id), keys.worker_jobs_key(worker), keys.worker_assigned_key(worker)]
-        return bool(self._claim(keys=keys_, args=[job.attempt, worker, time.time(), job.id]))
+        now = time.time()
+        drained = keys.drain_key(job.model, int(now // keys.DRAIN_BUCKET_SECONDS))
+        keys_ = [
+            keys.job_key(job.id),
+            keys.worker_jobs_key(worker),
+            keys.worker_assigned_key(worker),
+            drained,
+        ]
+        return bool(self._claim(keys=keys_, args=[job.attempt, worker, now, job.id]))
 
     def finish(self, job: Job, worker: str, state: JobState, **result: str | int) -> bool:
         pairs: list[Any] = [v for item in result.items() for v in item]

@@ -76,6 +76,11 @@ RESCUE_DUE = f"{PREFIX}:recovery:rescue-due"
 # current minute and tokens in the current month (each expiring with its window), and its requests in flight.
 API_KEYS = f"{PREFIX}:apikeys"
 RATE_PREFIX = f"{PREFIX}:rate:"
+# Jobs of a model that workers took off its queues, per 5-second bucket of the worker's clock (counted by the
+# claim, expiring after two minutes): the queue's drain rate, from which a refused request's Retry-After is
+# computed (api/admission.py).
+DRAIN_PREFIX = f"{PREFIX}:drain:"
+DRAIN_BUCKET_SECONDS = 5
 # The usage ledger (api/usage.py): one hash per day (UTC), a count per key, model and kind of count.
 USAGE_PREFIX = f"{PREFIX}:usage:"
 
@@ -218,3 +223,8 @@ def rate_inflight_key(key_digest: str) -> str:
 def usage_day_key(date: str) -> str:
     """The usage ledger's hash of one day (YYYY-MM-DD)."""
     return f"{USAGE_PREFIX}{date}"
+
+
+def drain_key(model: str, bucket: int) -> str:
+    """The count of ``model``'s jobs claimed in 5-second bucket ``bucket`` (epoch seconds // 5)."""
+    return f"{DRAIN_PREFIX}{model}:{bucket}"

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         description="Key for management writes (non-GET routes under /v1/system/) and for managing keys "
         "(/v1/system/keys, `inferq keys`); also a normal key.",
     )
+    max_queued: int = Field(
+        0,
+        ge=0,
+        description="Most requests waiting on a model's queue; beyond it a request is refused with 429 "
+        "queue_full and a Retry-After computed from the queue's drain rate (api/admission.py). 0: unbounded.",
+    )
     rate_limit_window: float = Field(
         60.0,
         gt=0,
