@@ -112,7 +112,9 @@ class UsageLedger:
             found = await pipe.execute()
         for date, fields in zip(dates, found, strict=True):
             for raw, value in fields.items():
-                key_id, name, model, what = (raw.decode() if isinstance(raw, bytes) else raw).split("\t")
+                # A key's name may hold a tab; its id, the model and the count's name do not.
+                key_id, rest = (raw.decode() if isinstance(raw, bytes) else raw).split("\t", 1)
+                name, model, what = rest.rsplit("\t", 2)
                 new = UsageRow(date=date, key_id=key_id, key_name=name, model=model)
                 row = rows.setdefault((date, key_id, name, model), new)
                 if what in FIELDS:

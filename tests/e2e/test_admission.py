@@ -62,6 +62,7 @@ def test_a_full_queue_answers_429_with_a_retry_after_from_its_drain_rate(fleet: 
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "queue_full"
     retry = int(refused.headers["retry-after"])
+    print(f"\nrefused: Retry-After {retry}: {refused.json()['error']['message']}")  # noqa: T201 (shown with -s)
     # Twelve claims in the last minute: 0.2 requests/s, one request ahead of the bound: five seconds.
     assert 2 <= retry <= 10, refused.json()["error"]["message"]
     # Anthropic's clients get Anthropic's envelope, and the same Retry-After.

@@ -249,7 +249,7 @@ def test_the_usage_ledger_adds_up_to_the_usage_the_clients_were_told(fleets: tup
     """Chat (n=2, streamed), completions, responses (streamed), messages and a batch, on both processes: the
     ledger's totals for the key are the sums of the usage each client received."""
     a, b = fleets
-    created = create_key(a, "ledger")
+    created = create_key(a, "ledger\tteam")  # a name may hold what the ledger's fields are split on
     auth = {"Authorization": f"Bearer {created['key']}"}
     told = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
 
@@ -309,11 +309,11 @@ def test_the_usage_ledger_adds_up_to_the_usage_the_clients_were_told(fleets: tup
 
     r = httpx.get(f"{b.base_url}/v1/system/usage", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     rows = [row for row in r.json()["data"] if row["key_id"] == created["id"]]
-    assert [(row["key_name"], row["model"]) for row in rows] == [("ledger", "scripted")]
+    assert [(row["key_name"], row["model"]) for row in rows] == [("ledger\tteam", "scripted")]
     ledger = {k: rows[0][k] for k in told}
     assert ledger == told and rows[0]["errors"] == 0
     # Prometheus counts by the key's name, never the key.
     scraped = httpx.get(f"{a.base_url}/metrics", timeout=30).text + httpx.get(f"{b.base_url}/metrics").text
-    assert 'inferq_key_requests_total{key="ledger",model="scripted",outcome="ok"}' in scraped
-    assert 'inferq_key_tokens_total{key="ledger",kind="completion",model="scripted"}' in scraped
+    assert 'inferq_key_requests_total{key="ledger\tteam",model="scripted",outcome="ok"}' in scraped
+    assert 'inferq_key_tokens_total{key="ledger\tteam",kind="completion",model="scripted"}' in scraped
     assert created["key"] not in scraped
