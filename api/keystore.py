@@ -84,7 +84,10 @@ class KeyStore:
         d = digest(key)
         now = int(time.time())
         managed = ManagedKey(**request.model_dump(), id=f"key_{d[:16]}", created_at=now, digest=d)
-        await self._r.hset(keys.API_KEYS, d, managed.model_dump_json())
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.API_KEYS, d, managed.model_dump_json())
+            pipe.set(keys.API_KEYS_REQUIRED, 1)
+            await pipe.execute()
         self._any = (True, time.monotonic() + CACHE_SECONDS)
         return CreatedKey(**managed.model_dump(), digest=d, key=key)
 
@@ -115,10 +118,11 @@ class KeyStore:
         return found
 
     async def any(self) -> bool:
-        """Whether any key is managed: from the first one on, every request needs a key."""
+        """Whether a key was ever managed: from the first one on, every request needs a key (also once every
+        key was revoked: an admin who revokes the last key does not mean to open the API)."""
         now = time.monotonic()
         if self._any[1] <= now:
-            self._any = (bool(await self._r.exists(keys.API_KEYS)), now + CACHE_SECONDS)
+            self._any = (bool(await self._r.exists(keys.API_KEYS_REQUIRED)), now + CACHE_SECONDS)
         return self._any[0]
 
 

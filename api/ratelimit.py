@@ -53,6 +53,13 @@ return {1, '', req, tok, month, inflight}
 """
 
 
+# KEYS: requests in flight.
+RELEASE = """
+if redis.call('DECR', KEYS[1]) < 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
 @dataclass
 class Admission:
     """What admitting (or looking at) a request found: whether it may go on, and its headers."""
@@ -74,6 +81,7 @@ class Limiter:
     def __init__(self, client: aredis.Redis, inflight_ttl: float, window: float = 60.0) -> None:
         self._r = client
         self._admit = client.register_script(ADMIT)
+        self._release = client.register_script(RELEASE)
         self._inflight_ttl = max(1, int(inflight_ttl))
         self._window = window
 
@@ -131,8 +139,9 @@ class Limiter:
             await pipe.execute()
 
     async def release(self, key: ManagedKey) -> None:
-        """Give back the in-flight place an admitted request of ``key`` held."""
-        await self._r.decr(keys.rate_inflight_key(key.digest))
+        """Give back the in-flight place an admitted request of ``key`` held (never below 0: a count that
+        expired under a long request starts over from 0, not from -1)."""
+        await self._release(keys=[keys.rate_inflight_key(key.digest)])
 
 
 def _text(raw: object) -> str:

@@ -75,6 +75,8 @@ RESCUE_DUE = f"{PREFIX}:recovery:rescue-due"
 # itself is never stored). Per key, its rate-limit counters (api/ratelimit.py): requests and tokens in the
 # current minute and tokens in the current month (each expiring with its window), and its requests in flight.
 API_KEYS = f"{PREFIX}:apikeys"
+# Set when the first key is created and never unset: revoking every key does not open the API again.
+API_KEYS_REQUIRED = f"{PREFIX}:apikeys:required"
 RATE_PREFIX = f"{PREFIX}:rate:"
 # Jobs of a model that workers took off its queues, per 5-second bucket of the worker's clock (counted by the
 # claim, expiring after two minutes): the queue's drain rate, from which a refused request's Retry-After is

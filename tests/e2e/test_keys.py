@@ -317,3 +317,12 @@ def test_the_usage_ledger_adds_up_to_the_usage_the_clients_were_told(fleets: tup
     assert 'inferq_key_requests_total{key="ledger\tteam",model="scripted",outcome="ok"}' in scraped
     assert 'inferq_key_tokens_total{key="ledger\tteam",kind="completion",model="scripted"}' in scraped
     assert created["key"] not in scraped
+
+
+def test_revoking_every_key_does_not_open_the_api_again(fleets: tuple[Fleet, Fleet]) -> None:
+    a, b = fleets
+    for k in admin(a, "GET", "").json()["data"]:
+        assert admin(a, "DELETE", f"/{k['id']}").status_code == 200
+    assert admin(b, "GET", "").json()["data"] == []
+    time.sleep(0.6)  # past what either process knew of the keys
+    assert chat(a, None).status_code == 401 and chat(b, None).status_code == 401
