@@ -184,7 +184,7 @@ class AuthMiddleware:
             logger.warning("key check: Redis unavailable: %r", exc)
             error = errors.redis_unavailable()
         if error is None:
-            await self._serve(scope, receive, send, managed, admission)
+            await self._serve(scope, receive, send, presented, managed, admission)
             return
         if scope["type"] == "websocket":
             # Closing before the handshake is accepted makes the server refuse the upgrade (HTTP 403).
@@ -196,10 +196,15 @@ class AuthMiddleware:
         await respond(path, error, headers or None)(scope, receive, send)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, key: ManagedKey | None, admission: Admission | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        presented: bytes | None,
+        key: ManagedKey | None,
+        admission: Admission | None,
     ) -> None:
         token = requested_key.set(key)
-        presented = _presented(scope)
         if key is not None:
             account = Account(key.id, key.name)
         elif presented is not None:

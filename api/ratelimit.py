@@ -89,11 +89,10 @@ class Limiter:
         """Check and count one request of ``key`` (``count``), or only read its counters for the headers."""
         now = time.time()
         window = int(now // self._window)
-        month = time.strftime("%Y%m", time.gmtime(now))
         ks = [
             keys.rate_window_key(key.digest, "requests", window),
             keys.rate_window_key(key.digest, "tokens", window),
-            keys.rate_window_key(key.digest, "month", int(month)),
+            _month_key(key, now),
             keys.rate_inflight_key(key.digest),
         ]
         args = [
@@ -130,7 +129,7 @@ class Limiter:
             return
         now = time.time()
         minute = keys.rate_window_key(key.digest, "tokens", int(now // self._window))
-        month = keys.rate_window_key(key.digest, "month", int(time.strftime("%Y%m", time.gmtime(now))))
+        month = _month_key(key, now)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.incrby(minute, tokens)
             pipe.pexpire(minute, int(self._window * 2000))
@@ -146,6 +145,11 @@ class Limiter:
 
 def _text(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _month_key(key: ManagedKey, now: float) -> str:
+    """The key's token count of the calendar month (UTC) ``now`` falls in."""
+    return keys.rate_window_key(key.digest, "month", int(time.strftime("%Y%m", time.gmtime(now))))
 
 
 def _month_left(now: float) -> float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -148,6 +150,22 @@ class Fleet:
                 proc.wait()
         self.workers.clear()
         self.api = None
+
+
+@contextlib.contextmanager
+def one_slot_scripted_fleet(tmp: Path, worker: str, tokens_per_second: int, **env: str) -> Iterator[Fleet]:
+    """A private Redis, one API and one scripted worker with a single slot at a fixed speed: a fleet whose
+    scheduling a test can time (``env``: the API's and worker's settings)."""
+    server = RedisServer()
+    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(write_catalog(tmp / "models.yaml")), **env)
+    try:
+        f.start_api()
+        speed = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(tokens_per_second)}
+        f.start_worker(worker, "scripted", args=["--engine", "scripted", "--concurrency", "1"], env=speed)
+        yield f
+    finally:
+        f.close()
+        server.stop()
 
 
 def freeze(server: RedisServer) -> None:

@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ops.redis_server import RedisServer
 from queueing import keys
-from tests.fleet import Fleet, write_catalog
+from tests.fleet import Fleet, one_slot_scripted_fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -24,18 +23,10 @@ BOUND = 2
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    server = RedisServer()
-    tmp = tmp_path_factory.mktemp("admission")
-    catalog = write_catalog(tmp / "models.yaml")
-    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(catalog), INFERQ_MAX_QUEUED=str(BOUND))
-    try:
-        f.start_api()
-        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
-        f.start_worker("q-one", "scripted", args=["--engine", "scripted", "--concurrency", "1"], env=env)
+    with one_slot_scripted_fleet(
+        tmp_path_factory.mktemp("admission"), "q-one", SPEED, INFERQ_MAX_QUEUED=str(BOUND)
+    ) as f:
         yield f
-    finally:
-        f.close()
-        server.stop()
 
 
 def ask(fleet: Fleet, max_tokens: int, **body: Any) -> httpx.Response:

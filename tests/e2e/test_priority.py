@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from engines.scripted import WORDS
-from ops.redis_server import RedisServer
-from tests.fleet import Fleet, write_catalog
+from tests.fleet import Fleet, one_slot_scripted_fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -26,17 +25,8 @@ SPEED = 50  # tokens per second
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    server = RedisServer()
-    tmp = tmp_path_factory.mktemp("priority")
-    f = Fleet(server.url, tmp, INFERQ_MODELS_FILE=str(write_catalog(tmp / "models.yaml")))
-    try:
-        f.start_api()
-        env = {"INFERQ_SCRIPTED_TOKENS_PER_SECOND": str(SPEED)}
-        f.start_worker("p-one", "scripted", args=["--engine", "scripted", "--concurrency", "1"], env=env)
+    with one_slot_scripted_fleet(tmp_path_factory.mktemp("priority"), "p-one", SPEED) as f:
         yield f
-    finally:
-        f.close()
-        server.stop()
 
 
 def ask(fleet: Fleet, max_tokens: int, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
