@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from starlette.requests import HTTPConnection
 
 from api import auth, errors
+from api.admission import RETRY_COUNT_HEADER, parse_retry_count, requested_retry
 from api.auth import key_of, owner_of
 from api.batches.driver import BatchDriver
 from api.batches.store import BatchStore
@@ -30,6 +31,7 @@ from api.keystore import KeyStore
 from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.priority import PRIORITY_HEADER, parse_header, requested_class
+from api.queue_position import QueuePositionMiddleware
 from api.redis_pool import ShrinkingPool
 from api.redis_timeouts import loop_fair
 from api.requeue_sweep import RequeueSweep
@@ -66,6 +68,7 @@ async def _routing_header(connection: HTTPConnection) -> None:
     an HTTPConnection, so that WebSocket routes (Responses' WebSocket mode) get it too."""
     requested_routing.set(parse_routing(connection.headers.get(ROUTING_HEADER)))
     requested_class.set(parse_header(connection.headers.get(PRIORITY_HEADER)))
+    requested_retry.set(parse_retry_count(connection.headers.get(RETRY_COUNT_HEADER)))
     session = next((v for h in SESSION_HEADERS if (v := connection.headers.get(h))), None)
     requested_session.set(session_digest(session))
     requested_owner.set(owner_of(key_of(connection.headers)))
@@ -162,7 +165,10 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         metrics,
     ):
         app.include_router(module.router)
-    # Innermost: bodies are read and checked only once the key check let the request in.
+    # Innermost: a waiting stream's queue position goes out before its response (and the key check's headers
+    # are added to whichever response starts).
+    app.add_middleware(QueuePositionMiddleware)
+    # Bodies are read and checked only once the key check let the request in.
     app.state.input_limits = InputLimits.from_settings(settings)  # also for WebSocket messages
     app.add_middleware(InputLimitsMiddleware, limits=app.state.input_limits)
     # Middleware, not a dependency: it covers every route, also those added later and /docs. Always there:

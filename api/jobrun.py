@@ -41,6 +41,8 @@ class JobRun:
     limits: Limits
     attempt: int = 1
     worker: str | None = None
+    # The queue its job was sent to: its model's shared queue or, routed, one worker's own.
+    queue: str = ""
     # The prompt's length as the worker's Started reported it: known before any output is (message_start).
     prompt_tokens: int = 0
     finished: bool = False

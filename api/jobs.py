@@ -18,15 +18,17 @@ from celery import Celery
 from api import errors
 from api.admission import QueueBound
 from api.control import FleetControl
+from api.fairness import FairShare, expected_tokens
 from api.jobrun import JobRun
 from api.keystore import requested_key
 from api.priority import effective
+from api.queue_position import Positions
 from api.ratelimit import Limiter
 from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
 from api.streams import StreamHub
 from api.usage import UsageLedger, requested_account
-from queueing import eventlog, registry
+from queueing import eventlog, keys, registry
 from queueing.affinity import Balance, Prefix
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
@@ -93,6 +95,8 @@ class RunOptions:
     # Deltas that queued up while the client read slowly go out as one (one chunk instead of many). Not in a
     # resumable stream, whose frames must render again the same from its job's log (api/resume.py).
     merge_deltas: bool = True
+    # A batch line: when its batch expires (epoch seconds); the sooner, the earlier it is served among lines.
+    deadline: float | None = None
 
 
 INTERACTIVE = RunOptions()
@@ -117,7 +121,7 @@ class Dispatcher:
         self.catalog = catalog
         self.default_routing = parse_routing(settings.routing) or "queue"
         # A model's queue holds at most this many waiting requests (api/admission.py).
-        self.bound = QueueBound(client, settings.max_queued)
+        self.bound = QueueBound(client, settings.max_queued, settings.max_queued_per_class)
         # Resumable streams (api/resume.py): how long their log is kept, how long a left client is awaited.
         self.stream_log_ttl = settings.stream_log_ttl
         self.reconnect_grace = settings.stream_reconnect_grace
@@ -128,6 +132,8 @@ class Dispatcher:
         # after the longest request.
         self.limiter = Limiter(client, settings.request_timeout + 60, settings.rate_limit_window)
         self.ledger = UsageLedger(client)
+        self.share = FairShare(client, settings.fair_share_window)
+        self.positions = Positions(client)
         # Streamed jobs whose client left, cancelled after the reconnect grace (api/reconnect.py).
         self.leaving = ReconnectGrace(client, self.store)
         # Routing only picks workers that beat within two intervals; a stale one may be dead.
@@ -173,9 +179,10 @@ class Dispatcher:
         self, job: Job, disconnected: Disconnected | None = None, options: RunOptions = INTERACTIVE
     ) -> AsyncIterator[JobRun]:
         limits = options.limits or self.limits
+        charged = 0
         # An interactive request queues in the class it asked for, at most its key's (api/priority.py).
         priority = effective() if options.priority == "interactive" else options.priority
-        update: dict[str, object] = {"priority": priority}
+        update: dict[str, object] = {"priority": priority, "deadline": options.deadline}
         if job.session is None and (session := requested_session.get()) is not None:
             update["session"] = session
         job = job.model_copy(update=update)
@@ -183,46 +190,62 @@ class Dispatcher:
         workers = [] if options.replay else await self.candidates(job.model, limits)
         if not (options.resume or options.replay) and priority != "batch":
             # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
-            await self.bound.admit(job.model)
-        async with self.hub.subscribe(job.id) as sub:
-            live = False
-            if options.resume:
-                attempt, live = await self.store.resume_point(job.id)
-                job = job.model_copy(update={"attempt": attempt})
-            if not live:
-                await self._submit(job, workers or await self.candidates(job.model, limits), options, limits)
-            backlog = await eventlog.read_after(self.client, job.id, START) if options.replay else []
-            # Followed from the middle (a batch line or background response taken over): what it missed
-            # before is its own business, not a gap to fill from the log.
-            logged = job.stream and (options.replay or not options.resume)
-            jr = JobRun(
-                self,
-                job,
-                sub,
-                disconnected,
-                limits,
-                job.attempt,
-                backlog=deque(backlog),
-                logged=logged,
-                merge_deltas=options.merge_deltas,
-            )
-            try:
-                yield jr
-            finally:
-                await jr.close()
-                if not jr.finished and options.cancel_on_exit:
-                    # The client left or the request failed: stop the worker spending time on it. Not while
-                    # Redis is away (the worker's own polls stop it later): the error that ended the run is
-                    # what the client must see, and a stream still owes it the error event and sentinel.
-                    try:
-                        if options.reconnect_grace > 0 and job.stream:
-                            await asyncio.shield(self.leaving.left(job.id, options.reconnect_grace))
-                        else:
-                            await asyncio.shield(self.store.cancel(job.id))
-                    except redis.RedisError as exc:
-                        logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
+            await self.bound.admit(job.model, priority)
+            # A key that used more than its share of the model lately waits behind the others of its class;
+            # what this request may use counts to its key until it ends (api/fairness.py).
+            charged = expected_tokens(job)
+            over = await self.share.admit(job.model, requested_account.get().id, charged)
+            job = job.model_copy(update={"over_share": over})
+        try:
+            async with self.hub.subscribe(job.id) as sub:
+                live = False
+                if options.resume:
+                    attempt, live = await self.store.resume_point(job.id)
+                    job = job.model_copy(update={"attempt": attempt})
+                queue = keys.model_queue(job.model)
+                if not live:
+                    workers = workers or await self.candidates(job.model, limits)
+                    target = await self._submit(job, workers, options, limits)
+                    queue = keys.worker_queue(target) if target else queue
+                backlog = await eventlog.read_after(self.client, job.id, START) if options.replay else []
+                # Followed from the middle (a batch line or background response taken over): what it missed
+                # before is its own business, not a gap to fill from the log.
+                logged = job.stream and (options.replay or not options.resume)
+                jr = JobRun(
+                    self,
+                    job,
+                    sub,
+                    disconnected,
+                    limits,
+                    job.attempt,
+                    backlog=deque(backlog),
+                    logged=logged,
+                    merge_deltas=options.merge_deltas,
+                    queue=queue,
+                )
+                try:
+                    yield jr
+                finally:
+                    await jr.close()
+                    if not jr.finished and options.cancel_on_exit:
+                        # The client left or the request failed: stop the worker spending time on it. Not
+                        # while Redis is away (the worker's own polls stop it later): the error that ended the
+                        # run is what the client must see, and a stream still owes it the error event and
+                        # sentinel.
+                        try:
+                            if options.reconnect_grace > 0 and job.stream:
+                                await asyncio.shield(self.leaving.left(job.id, options.reconnect_grace))
+                            else:
+                                await asyncio.shield(self.store.cancel(job.id))
+                        except redis.RedisError as exc:
+                            logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
+        finally:
+            if charged:
+                await self._return_charge(job.model, charged)
 
-    async def ended(self, model: str, prompt: int, cached: int, completion: int, ok: bool) -> None:
+    async def ended(
+        self, model: str, prompt: int, cached: int, completion: int, ok: bool, shared: bool = True
+    ) -> None:
         """A request ended: what it used counts against the key that asked for it (api/ratelimit.py) and
         goes into the usage ledger (api/usage.py). Never the request's failure: logged if Redis is away."""
         key = requested_key.get()
@@ -231,12 +254,21 @@ class Dispatcher:
                 await asyncio.shield(self.limiter.spent(key, prompt + completion))
             account = requested_account.get()
             await asyncio.shield(self.ledger.record(account, model, prompt, cached, completion, ok))
+            if shared:
+                await asyncio.shield(self.share.spent(model, account.id, prompt + completion))
         except redis.RedisError as exc:
             logger.warning("usage of a %s request not counted: %r", model, exc)
 
+    async def _return_charge(self, model: str, tokens: int) -> None:
+        try:
+            await asyncio.shield(self.share.returned(model, requested_account.get().id, tokens))
+        except redis.RedisError as exc:
+            logger.warning("a %s request's expected tokens not given back: %r", model, exc)
+
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits
-    ) -> None:
+    ) -> str | None:
+        """Record and send ``job``; the worker it was routed to, or None for its model's shared queue."""
         strategy = options.routing or self.routing_for(job.model)
         # The record outlives the longest wait for it by an hour, so a late worker still finds it. Listed as
         # unsent in the same transaction until the message is out: an API process that dies in between
@@ -249,6 +281,7 @@ class Dispatcher:
         # model's shared queue, where every worker with the model pulls.
         enqueue(self.celery, job, worker=target)
         await self.store.sent(job)
+        return target
 
     async def resubmit(self, job: Job, limits: Limits) -> None:
         """Submit a job whose record Redis lost again, as the attempt given."""

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from queueing import keys, registry
+from queueing.bands import BANDS
 from queueing.catalog import Catalog
 
 # Route templates, not raw paths, so that ids in URLs do not explode the label set.
@@ -86,7 +87,7 @@ _FLEET_HELP = {
     "inferq_worker_prompt_cache_entries": ("gauge", "Prompt states the worker's engines hold."),
     "inferq_worker_prompt_cache_bytes": ("gauge", "Bytes those states take."),
     "inferq_model_loaded": ("gauge", "1 per model on a worker, by state (loading, ready, unloading)."),
-    "inferq_queue_depth": ("gauge", "Messages waiting in a queue, by priority (interactive, batch)."),
+    "inferq_queue_depth": ("gauge", "Messages waiting in a queue, by class (high, interactive, low, batch)."),
     "inferq_batches_active": ("gauge", "Batches not finished yet (validating to finalizing, or cancelling)."),
 }
 
@@ -127,10 +128,10 @@ async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
         lengths = await pipe.execute()
     steps = len(keys.KOMBU_PRIORITY_STEPS)
     for i, q in enumerate(queues):
-        # The first list holds priority 0 (interactive); batch lines sit in the lowest, nothing in between.
-        interactive, *lower = lengths[i * steps : (i + 1) * steps]
-        add("inferq_queue_depth", {"queue": q, "priority": "interactive"}, interactive)
-        add("inferq_queue_depth", {"queue": q, "priority": "batch"}, sum(lower))
+        # One list per step; each class has a band of steps (queueing/bands.py).
+        depths = lengths[i * steps : (i + 1) * steps]
+        for priority, band in BANDS.items():
+            add("inferq_queue_depth", {"queue": q, "priority": priority}, sum(depths[s] for s in band))
     add("inferq_batches_active", {}, await client.scard(keys.BATCHES_ACTIVE))
     out = []
     for name, (kind, text) in _FLEET_HELP.items():

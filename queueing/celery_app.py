@@ -6,6 +6,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from queueing import keys
+from queueing.bands import message_priority
 from queueing.catalog import Catalog
 from queueing.jobs import Job
 from queueing.settings import Settings
@@ -28,6 +29,8 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
             # kombu's own check of the long-lived BRPOP and pub/sub connections (default 25 s): a consumer
             # on a half-open connection reconnects within about 1 + 2 * 10 s.
             "health_check_interval": 10,
+            # Ten places in line per queue instead of kombu's four (queueing/bands.py).
+            "priority_steps": list(keys.KOMBU_PRIORITY_STEPS),
         },
         # A worker keeps trying to reach Redis however long it is away (Celery's default gives up after
         # 100 tries and the worker exits), and a job running through an outage goes on: its result is
@@ -76,6 +79,6 @@ def enqueue(app: Celery, job: Job, worker: str | None = None) -> None:
         # Flower's pages would otherwise read.
         argsrepr=f"[{job.kind} {job.model} {job.id} attempt {job.attempt}]",
         kwargsrepr="{}",
-        priority=keys.MESSAGE_PRIORITY[job.priority],
+        priority=message_priority(job),
         retry=False,
     )

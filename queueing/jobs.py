@@ -42,8 +42,9 @@ class Sampling(BaseModel):
 
 # count: only the prompt's token count, with the model's own tokenizer (the API never loads one).
 JobKind = Literal["chat", "completion", "embedding", "count"]
-# The class a job queues in (keys.MESSAGE_PRIORITY): high, interactive (the "normal" class, every request's
-# by default), low, then batch lines. Kept on the job so that a re-queue after a worker died keeps it.
+# The class a job queues in (its band of steps: queueing/bands.py): high, interactive (the "normal" class,
+# every request's by default), low, then batch lines. Kept on the job so that a re-queue after a worker died
+# keeps it.
 Priority = Literal["high", "interactive", "low", "batch"]
 # From the one served first to the one served last.
 PRIORITY_ORDER: tuple[Priority, ...] = ("high", "interactive", "low", "batch")
@@ -62,6 +63,11 @@ class Job(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = False
     priority: Priority = "interactive"
+    # Its key used more than its share of the model's recent tokens when it was queued: it waits behind the
+    # class's other keys and gives its slot up to them (queueing/bands.py, api/fairness.py).
+    over_share: bool = False
+    # A batch line: when its batch expires (epoch seconds); lines with less time left go first.
+    deadline: float | None = None
     # Bumped each time the job is re-queued after its worker died; a delivery whose attempt is not the
     # job's current one is stale and is dropped, which deduplicates broker redeliveries.
     attempt: int = 1

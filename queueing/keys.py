@@ -7,18 +7,15 @@ PREFIX = "inferq"
 # Celery task names: the API enqueues by name so it never imports worker code.
 GENERATE_TASK = "inferq.generate"
 
-# Message priorities on the Redis transport, where 0 is served first: a worker pops every queue's priority-0
-# list before any lower-priority list, so a batch line never waits in front of an interactive request, nor a
-# low-class request in front of a normal one (queueing.jobs.Priority: its class).
-MESSAGE_PRIORITY = {"high": 0, "interactive": 3, "low": 6, "batch": 9}
-
 # One shared queue per model; workers consume the queues of the models they have loaded. Every worker also
 # consumes a queue of its own, which the routing strategies other than `queue` send to.
 MODEL_QUEUE_PREFIX = f"{PREFIX}.model."
 WORKER_QUEUE_PREFIX = f"{PREFIX}.worker."
-# kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>".
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>", one
+# list per step, and a worker pops every step-0 list before any step-1 list, and so on (which step a job
+# takes: queueing/bands.py). All ten steps kombu allows.
 KOMBU_PRIORITY_SEP = "\x06\x16"
-KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_PRIORITY_STEPS = tuple(range(10))
 
 # Remote-control commands (Celery broadcast) that the management API sends to one worker.
 CONTROL_LOAD = "inferq_load"
@@ -83,6 +80,12 @@ RATE_PREFIX = f"{PREFIX}:rate:"
 # computed (api/admission.py).
 DRAIN_PREFIX = f"{PREFIX}:drain:"
 DRAIN_BUCKET_SECONDS = 5
+# Places in a model's queue promised to requests refused with a Retry-After (api/admission.py).
+PROMISE_PREFIX = f"{PREFIX}:promised:"
+# Tokens each account used of a model in a 5-second bucket (a hash: account id -> tokens), what fair shares
+# are measured from (api/fairness.py).
+SHARE_PREFIX = f"{PREFIX}:share:"
+SHARE_BUCKET_SECONDS = 5
 # The usage ledger (api/usage.py): one hash per day (UTC), a count per key, model and kind of count.
 USAGE_PREFIX = f"{PREFIX}:usage:"
 
@@ -230,3 +233,13 @@ def usage_day_key(date: str) -> str:
 def drain_key(model: str, bucket: int) -> str:
     """The count of ``model``'s jobs claimed in 5-second bucket ``bucket`` (epoch seconds // 5)."""
     return f"{DRAIN_PREFIX}{model}:{bucket}"
+
+
+def promise_key(model: str) -> str:
+    """Places promised to refused requests of ``model`` (a zset: member -> when due, ms; api/admission.py)."""
+    return f"{PROMISE_PREFIX}{model}"
+
+
+def share_key(model: str, bucket: int) -> str:
+    """Tokens per account of ``model`` in 5-second bucket ``bucket`` (epoch seconds // 5)."""
+    return f"{SHARE_PREFIX}{model}:{bucket}"

@@ -36,6 +36,19 @@ class Settings(BaseSettings):
         description="Most requests waiting on a model's queue; beyond it a request is refused with 429 "
         "queue_full and a Retry-After computed from the queue's drain rate (api/admission.py). 0: unbounded.",
     )
+    max_queued_per_class: int = Field(
+        0,
+        ge=0,
+        description="Most requests of one class (high, normal, low) waiting on a model's queue; beyond it a "
+        "request of that class is refused like one over max_queued. 0: unbounded.",
+    )
+    fair_share_window: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds of each model's token use that fair shares are measured over: a key that used "
+        "more than its share of them queues behind the other keys of its class (api/fairness.py). 0: "
+        "first come, first served within a class.",
+    )
     rate_limit_window: float = Field(
         60.0,
         gt=0,
@@ -209,6 +222,13 @@ class Settings(BaseSettings):
         True,
         description="A batch line or lower-class job running in a worker's last free slot stops and goes "
         "back to the queue when a request of a higher class waits for that worker (at most 3 times per job).",
+    )
+    preempt_poll: float = Field(
+        0.05,
+        gt=0,
+        description="Seconds between a yielding job's looks for a request of a higher class (or of a key "
+        "within its share) waiting for its slot: what such a request waits at most, beside the engine's next "
+        "token.",
     )
     batch_no_worker_timeout: float = Field(
         600.0, description="How long a batch line waits for a worker that serves its model before it fails."

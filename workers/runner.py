@@ -24,6 +24,7 @@ from engines.base import (
 )
 from queueing import events
 from queueing.affinity import Recorder
+from queueing.bands import yields_below
 from queueing.eventlog import Channel
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
@@ -207,9 +208,11 @@ class JobRunner:
             raise RecordLost(job.id)
         if g.watch.yielded and last.finish_reason == "cancelled":
             # (A line that ended on its own before the abort took effect is finished below as usual.)
-            raise Yielded(
-                self._out.durably(f"yield {job.id}", lambda: self._store.yield_slot(job, self.worker))
-            )
+            again = self._out.durably(f"yield {job.id}", lambda: self._store.yield_slot(job, self.worker))
+            self._settled(job)
+            raise Yielded(again)
+        if g.watch.yielded:
+            self._settled(job)
         reason = last.finish_reason or "stop"
         # Only a stop string ends a job with one; a record field cannot hold None, so it is left out.
         stop = {"stop_sequence": last.stop_sequence} if last.stop_sequence is not None else {}
@@ -389,12 +392,18 @@ class JobRunner:
         worker's slot (``watch.yielded``)."""
         now = time.monotonic()
         next_poll = now + self._cancel_poll
-        # Batch lines and low-class jobs yield at any point; a normal one only until its first token.
-        may_yield = self._preemption is not None and job.priority != "high"
+        # Batch lines and low-class jobs yield at any point, a normal one until its first token, a high one
+        # never (workers/preempt.py). A stream of a key over its share yields at any point to a key of its
+        # class within it: it continues where it stopped (workers/migration.py), where other output would
+        # start again.
+        may_yield = self._preemption is not None and yields_below(job) > 0
+        keeps_slot_once_started = job.priority in ("interactive", "high") and not (
+            job.over_share and job.stream
+        )
         next_yield_poll = now + self._preempt_poll
         for out in outputs:
             yield out
-            if out.text and job.priority == "interactive":
+            if out.text and keeps_slot_once_started:
                 may_yield = False
             now = time.monotonic()
             if now >= next_poll:
@@ -418,6 +427,12 @@ class JobRunner:
                 if wanted and self._out.maybe(wanted, False):
                     watch.yielded = True
                     abort(job.id)
+
+    def _settled(self, job: Job) -> None:
+        # The slot it was asked for is free (or the job ended on its own): the next waiting request may have
+        # another job yield for it at once.
+        if self._preemption is not None:
+            self._out.maybe(partial(self._preemption.settled, job), None)
 
     def _fail(self, job: Job, channel: Channel, code: ErrorCode, message: str, param: str | None) -> None:
         self._finish(job, JobState.FAILED, error=message, error_code=code.value)

@@ -231,6 +231,7 @@ def start_runtime(settings: Settings, catalog: Catalog, nodename: str) -> Worker
         models,
         stats=stats,
         preemption=preemption,
+        preempt_poll_seconds=settings.preempt_poll,
         liveness=Liveness(settings.worker_stall_timeout),
         # A job that ended while Redis was away delivers its result when Redis returns, as long as its
         # request can still be waiting for it.

@@ -261,7 +261,14 @@ class BatchDriver:
         left = (batch.expires_at or time.time() + 86400) - time.time()
         limits = Limits(max(left, 60.0), self.no_worker_timeout, self.poll)
         # The shared queue: a batch fills whatever capacity is free rather than being steered.
-        return RunOptions(priority="batch", routing="queue", limits=limits, resume=True, cancel_on_exit=False)
+        return RunOptions(
+            priority="batch",
+            routing="queue",
+            limits=limits,
+            resume=True,
+            cancel_on_exit=False,
+            deadline=batch.expires_at,
+        )
 
     async def _finalize(self, batch: Batch, stopped: str | None, requests: list[InputLine]) -> None:
         results = await self.store.results(batch.id)

@@ -114,21 +114,30 @@ async def complete(
     try:
         finished, runs = await fanout.complete_all(dispatcher, work.jobs, disconnected, options)
     except errors.ApiError:
-        await _ended(dispatcher, work, None)
+        await _ended(dispatcher, work, None, options)
         raise
     outcome = Outcome(work, finished, runs)
-    await _ended(dispatcher, work, outcome.usage)
+    await _ended(dispatcher, work, outcome.usage, options)
     return outcome
 
 
-async def _ended(dispatcher: Dispatcher, work: Work, used: TokenUsage | None) -> None:
+async def _ended(
+    dispatcher: Dispatcher, work: Work, used: TokenUsage | None, options: RunOptions = INTERACTIVE
+) -> None:
     """Count a request that ended (``used``: its usage, None when it failed) for its key's limits and in the
-    usage ledger. A token count (Anthropic's count_tokens) generates nothing and is not counted."""
+    usage ledger, and an interactive one for its key's fair share (api/fairness.py: batch lines fill idle
+    capacity, which is no one's share). A token count (Anthropic's count_tokens) generates nothing and is not
+    counted."""
     if not work.jobs or work.jobs[0].kind == "count":
         return
     u = used or TokenUsage(0, 0)
     await dispatcher.ended(
-        work.jobs[0].model, u.prompt_tokens, u.cached_tokens, u.completion_tokens, used is not None
+        work.jobs[0].model,
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        used is not None,
+        shared=options.priority != "batch",
     )
 
 

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from api.jobrun import JobRun
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
+from api.queue_position import furthest, waiting_room
 from queueing import events
 from queueing.jobs import Job
 
@@ -41,9 +42,17 @@ async def start_all(
     stack: contextlib.AsyncExitStack,
     options: RunOptions = INTERACTIVE,
 ) -> list[JobRun]:
-    """Enqueue every job and wait until each was accepted; the runs close with ``stack``."""
+    """Enqueue every job and wait until each was accepted; the runs close with ``stack``. While they wait,
+    the request's response may tell the client where they stand (api/queue_position.py)."""
     runs = [await stack.enter_async_context(dispatcher.run(job, disconnected, options)) for job in jobs]
-    await gather_or_cancel(*(run.start() for run in runs))
+    room = waiting_room.get()
+    if room is not None:
+        room.waiting(furthest([(run.job, run.queue) for run in runs], dispatcher.positions))
+    try:
+        await gather_or_cancel(*(run.start() for run in runs))
+    finally:
+        if room is not None:
+            room.started = True
     return runs
 
 

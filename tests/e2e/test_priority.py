@@ -96,3 +96,62 @@ def test_a_running_low_stream_gives_its_slot_to_a_high_request_then_goes_on(flee
     assert ended["low"] > asked + took
     # The low stream went on from where it stopped: the script's words, each once.
     assert "".join(text) == "".join(" " + WORDS[i % len(WORDS)] for i in range(1, tokens + 1))
+
+
+def stream_lines(
+    fleet: Fleet, body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> tuple[int, list[str]]:
+    with httpx.stream("POST", f"{fleet.base_url}{path}", json=body, timeout=60) as r:
+        return r.status_code, [line for line in r.iter_lines() if line]
+
+
+def test_a_waiting_stream_hears_its_queue_position_until_its_answer_starts(fleet: Fleet) -> None:
+    """api/queue_position.py: after a second in the queue, SSE comments with the stream's position; then
+    the stream itself, whole; a job that fails after that point ends the stream with the protocol's error
+    event."""
+    # A request holds the only slot for three seconds; another waits before ours.
+    blocker = threading.Thread(target=ask, args=(fleet, 3 * SPEED))
+    blocker.start()
+    time.sleep(0.3)
+    ahead = threading.Thread(target=ask, args=(fleet, 3))
+    ahead.start()
+    time.sleep(0.2)
+    body = {
+        "model": "scripted",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "stream": True,
+    }
+    status, lines = stream_lines(fleet, body)
+    blocker.join(30)
+    ahead.join(30)
+    print(f"\nwaiting stream: {lines[:4]}")  # noqa: T201 (shown with -s)
+    comments = [line for line in lines if line.startswith(":")]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert status == 200
+    assert comments and comments[0] == ": queue position 2", lines
+    assert lines[: len(comments)] == comments, "every comment comes before the stream's first event"
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in (json.loads(line[6:]) for line in data[:-1])
+        if c["choices"]
+    )
+    assert text == "".join(" " + WORDS[i % len(WORDS)] for i in range(1, 4)) and data[-1] == "data: [DONE]"
+
+    # The same wait, and the job fails on the worker (its prompt exceeds the model's context): the status
+    # went out already, so the error is the stream's error event, in Anthropic's shape on /v1/messages.
+    blocker = threading.Thread(target=ask, args=(fleet, 2 * SPEED))
+    blocker.start()
+    time.sleep(0.3)
+    too_long = {
+        "model": "scripted",
+        "max_tokens": 3,
+        "stream": True,
+        "messages": [{"role": "user", "content": "word " * 5000}],
+    }
+    status, lines = stream_lines(fleet, too_long, "/v1/messages")
+    blocker.join(30)
+    assert status == 200 and lines[0].startswith(": queue position"), lines
+    assert lines[-2] == "event: error", lines
+    error = json.loads(lines[-1][6:])
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error

@@ -12,6 +12,7 @@ import redis
 from engines.base import GenerationRequest, Output
 from ops.redis_server import RedisServer
 from queueing import keys
+from queueing.bands import message_priority
 from queueing.catalog import Catalog
 from queueing.jobs import ChatMessage, Job, JobState, Priority
 from queueing.jobstore import JobStore
@@ -30,9 +31,9 @@ def batch_job(attempt: int = 1) -> Job:
 def interactive_waiting(
     client: redis.Redis, queue: str, n: int = 1, priority: Priority = "interactive"
 ) -> None:
-    # What kombu pushes for a message of that class: the list of its priority (high: the queue's own list;
-    # interactive: "<queue>" + KOMBU_PRIORITY_SEP + "3"; batch lines: ... + "9").
-    step = keys.KOMBU_PRIORITY_STEPS.index(keys.MESSAGE_PRIORITY[priority])
+    # What kombu pushes for a message of that class: the list of its step (high: the queue's own list;
+    # interactive: "<queue>" + KOMBU_PRIORITY_SEP + "2"; batch lines: ... + "9").
+    step = message_priority(Job(model="m", priority=priority))
     for _ in range(n):
         client.lpush(keys.queue_list_keys(queue)[step], b"{}")
 
@@ -63,6 +64,23 @@ def test_only_full_workers_yield_and_only_to_a_higher_class(redis_client: redis.
     assert not p.wanted(batch_job(), ["m"], busy=2), "both waiting requests have a job yielding for them"
     interactive_waiting(redis_client, keys.model_queue("m"))
     assert p.wanted(batch_job(), ["m"], busy=2)
+
+
+def test_a_yield_stands_for_a_waiting_request_only_until_its_slot_is_free(redis_client: redis.Redis) -> None:
+    a, b = Preemption(redis_client, "a", slots=1), Preemption(redis_client, "b", slots=1)
+    first, second = batch_job(), batch_job()
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert a.wanted(first, ["m"], busy=1)
+    assert not b.wanted(second, ["m"], busy=1), "a yields for it already"
+    # a's slot is free and took that request; the next one to come finds b yielding for it at once, not
+    # after the yield's hold ran out.
+    a.settled(first)
+    step = message_priority(Job(model="m", priority="interactive"))
+    assert redis_client.rpop(keys.queue_list_keys(keys.model_queue("m"))[step]) is not None
+    interactive_waiting(redis_client, keys.model_queue("m"))
+    assert b.wanted(second, ["m"], busy=1)
+    a.settled(first)  # twice: nothing more
+    assert redis_client.get(keys.preempt_key("m")) == b"1"
 
 
 def test_own_queue_requests_always_win(redis_client: redis.Redis) -> None:
@@ -99,12 +117,15 @@ class SlowEngine:
     def close(self) -> None: ...
 
 
-def one_slot_runner(server: RedisServer, client: redis.Redis, engine: SlowEngine) -> tuple[JobRunner, Job]:
-    """A runner with one slot serving ``engine`` as model m, and a batch job recorded for it."""
+def one_slot_runner(
+    server: RedisServer, client: redis.Redis, engine: SlowEngine, job: Job | None = None
+) -> tuple[JobRunner, Job]:
+    """A runner with one slot serving ``engine`` as model m, and a job recorded for it (a batch line unless
+    given)."""
     models = ModelManager(Catalog(models={}))
     models.adopt("m", engine)
     runner = JobRunner("w", client, models, preemption=Preemption(client, "w", slots=1))
-    job = batch_job()
+    job = job or batch_job()
     create(server.url, job)
     return runner, job
 
@@ -152,3 +173,30 @@ def test_a_line_that_ends_before_the_abort_lands_is_finished_not_rerun(
     assert job.id in engine.aborted, "it was asked to yield"
     assert JobStore(redis_client).state(job.id) == JobState.DONE
     assert runner.stats.snapshot().completed == 1
+
+
+def test_a_stream_of_a_key_over_its_share_yields_to_its_class_even_after_its_first_token(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """A key within its share waits for no stream of a key over it (queueing/bands.py); a stream of a key
+    within its share keeps its slot once it started, as before."""
+    for over, expect_yield in ((True, True), (False, False)):
+        redis_client.flushall()
+        engine = SlowEngine()
+        job = batch_job().model_copy(update={"priority": "interactive", "stream": True, "over_share": over})
+        runner, job = one_slot_runner(redis_server, redis_client, engine, job)
+        result: list[Job | None] = []
+        thread = threading.Thread(target=lambda: result.append(runner.run(job)))  # noqa: B023
+        thread.start()
+        time.sleep(0.3)  # tokens are flowing
+        interactive_waiting(redis_client, keys.model_queue("m"))  # a normal request within its share
+        thread.join(timeout=1)
+        if not expect_yield:
+            assert thread.is_alive() and job.id not in engine.aborted, "a started stream within its share"
+            engine.abort(job.id)
+            thread.join(timeout=2)
+            assert result == [None]
+            continue
+        assert not thread.is_alive() and job.id in engine.aborted, "the over-share stream kept its slot"
+        (again,) = result
+        assert again is not None and again.attempt == 2 and again.over_share
