@@ -1,20 +1,24 @@
-"""Fair shares among the keys of one class: a key that used more than its share of a model's tokens lately
-queues behind the other keys of its class, and its running streams give their slots up to them.
+"""Fair shares among the keys of one class: a key that uses more than its share of a model lately queues
+behind the other keys of its class, and its running streams give their slots up to them.
 
-Shares are measured in tokens (prompt and completion) over the last ``window`` seconds, counted in Redis per
-model, account and 5-second bucket, so every API process sees the same shares: a request counts what it may
-use (its prompt's estimate and ``max_tokens``) from its admission to its end, then what it used. Counting it
-from the start is what lets a key that queues thirty requests at once be seen at once, not when the first of
-them ends.
+Two measures, both in tokens (prompt and completion) and both in Redis, so every API process sees the same:
 
-A key is over its share when it holds more than ``SLACK`` times an equal split among the keys that used the
-model in the window (itself included): one key sending ten times the load of three others holds 10/13 of the
-tokens against an equal split of 1/4, so its requests wait on its class's second step (queueing/bands.py)
-while the others' go first. Work-conserving: what the others leave is all its own.
+- *used*: what each key's requests used of a model over the last ``window`` seconds (counted per 5-second
+  bucket when each request ends);
+- *held*: what each key's requests in flight may use (their prompt's estimate plus ``max_tokens``), counted
+  from admission to end. This is what sees a key that queues thirty requests at once, at once, rather than
+  when the first of them ends.
+
+A key is over its share when either exceeds ``SLACK`` times an equal split among the keys that used or hold
+the model (itself included): one key sending ten times the load of three others uses 10/13 of the tokens
+against an equal split of 1/4, so its requests wait on its class's second step (queueing/bands.py) while the
+others' go first. A key with a single request in flight is never over by what it holds (equal keys taking
+turns would otherwise each look over while the others think). Work-conserving: what the others leave is all
+the heavy key's.
 
 Like deficit round robin, the unit shared is the token, not the request; unlike it, nothing of ours sits
 between the queue and the workers: kombu's priority lists do the ordering, so a worker pops what it would
-have popped anyway. A request costs one Lua call at admission (count and decide) and two counts at its end.
+have popped anyway. A request costs one Lua call at admission and two short writes at its end.
 """
 
 from __future__ import annotations
@@ -31,31 +35,42 @@ SLACK = 1.5
 # A request's prompt counts this many characters a token until its end says how many it had.
 CHARS_PER_TOKEN = 4
 
-# KEYS: the model's share buckets of the window, the current one first. ARGV: the account, the slack, the
-# tokens the request may use, the current bucket's TTL in seconds. Counts them to the account, then 1 when
-# the account used more than its share of the tokens the buckets hold.
+# KEYS: the model's used-token buckets of the window, then its held tokens (a zset: "<account>\t<tokens>\t
+# <job id>" -> when it is given up for lost, ms). ARGV: the account, the slack, the request's member, ms it
+# may be held. Holds the request's tokens, then 1 when the account is over its share.
 _ADMIT = """
-redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
--- Per account over the window; a request longer than the window gives back more than its bucket still
--- holds, so a sum below 0 counts as 0.
-local sums = {}
-for i = 1, #KEYS do
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local held_key, hold = KEYS[#KEYS], tonumber(ARGV[4])
+-- A member an API process that died never gave back counts until it is given up for lost.
+redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now)
+redis.call('ZADD', held_key, now + hold, ARGV[3])
+if redis.call('PTTL', held_key) < hold then redis.call('PEXPIRE', held_key, hold) end
+local used, held, requests, seen = {}, {}, {}, {}
+for i = 1, #KEYS - 1 do
   local flat = redis.call('HGETALL', KEYS[i])
-  for j = 1, #flat, 2 do
-    sums[flat[j]] = (sums[flat[j]] or 0) + tonumber(flat[j + 1])
+  for j = 1, #flat, 2 do used[flat[j]] = (used[flat[j]] or 0) + tonumber(flat[j + 1]) end
+end
+for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
+  local account, tokens = string.match(member, '^(.-)\t(%d+)\t')
+  held[account] = (held[account] or 0) + tonumber(tokens)
+  requests[account] = (requests[account] or 0) + 1
+end
+local n, total_used, total_held = 0, 0, 0
+for account, v in pairs(used) do
+  if v > 0 then
+    total_used = total_used + v
+    if not seen[account] then seen[account] = true; n = n + 1 end
   end
 end
-local total, n = 0, 0
-for _, used in pairs(sums) do
-  if used > 0 then
-    total = total + used
-    n = n + 1
-  end
+for account, v in pairs(held) do
+  total_held = total_held + v
+  if not seen[account] then seen[account] = true; n = n + 1 end
 end
-local mine = math.max(sums[ARGV[1]] or 0, 0)
-if n < 2 or total <= 0 then return 0 end
-if mine > tonumber(ARGV[2]) * total / n then return 1 end
+if n < 2 then return 0 end
+local me, slack = ARGV[1], tonumber(ARGV[2])
+if (used[me] or 0) > slack * total_used / n then return 1 end
+if (requests[me] or 0) > 1 and held[me] > slack * total_held / n then return 1 end
 return 0
 """
 
@@ -69,9 +84,11 @@ def expected_tokens(job: Job) -> int:
 
 
 class FairShare:
-    def __init__(self, client: aredis.Redis, window: float) -> None:
+    def __init__(self, client: aredis.Redis, window: float, hold_seconds: float = 3600.0) -> None:
         self._r = client
         self.window = window
+        # Longer than any request: a held request that was never given back is given up after it.
+        self.hold_seconds = hold_seconds
         self._admit = client.register_script(_ADMIT)
 
     def _buckets(self, now: float) -> list[int]:
@@ -79,29 +96,33 @@ class FairShare:
         span = max(1, round(self.window / keys.SHARE_BUCKET_SECONDS))
         return [last - i for i in range(span)]
 
-    @property
-    def _ttl(self) -> int:
-        return int(self.window) + 2 * keys.SHARE_BUCKET_SECONDS
-
-    async def admit(self, model: str, account: str, tokens: int) -> bool:
-        """Count ``tokens`` that ``account``'s request for ``model`` may use; is the account over its share
-        of the model's tokens, these included? (``returned`` them at the request's end.)"""
+    async def admit(self, model: str, account: str, tokens: int, request: str) -> bool:
+        """Hold ``tokens`` that ``account``'s request ``request`` for ``model`` may use, until ``ended``;
+        is the account over its share?"""
         if self.window <= 0:
             return False
         buckets = [keys.share_key(model, b) for b in self._buckets(time.time())]
-        found = await self._admit(keys=buckets, args=[account, SLACK, tokens, self._ttl])
+        found = await self._admit(
+            keys=[*buckets, keys.share_held_key(model)],
+            args=[account, SLACK, _member(account, tokens, request), int(self.hold_seconds * 1000)],
+        )
         return bool(found)
 
-    async def returned(self, model: str, account: str, tokens: int) -> None:
-        """A request admitted with ``tokens`` ended: what it used is counted by ``spent``."""
-        await self.spent(model, account, -tokens)
+    async def release(self, model: str, account: str, held: int, request: str) -> None:
+        """The request admitted holding ``held`` tokens ended."""
+        if self.window > 0:
+            await self._r.zrem(keys.share_held_key(model), _member(account, held, request))
 
-    async def spent(self, model: str, account: str, tokens: int) -> None:
-        """``account``'s request for ``model`` ended having used ``tokens``."""
-        if self.window <= 0 or tokens == 0:
+    async def spent(self, model: str, account: str, used: int) -> None:
+        """``account``'s request for ``model`` ended having used ``used`` tokens."""
+        if self.window <= 0 or used <= 0:
             return
         key = keys.share_key(model, self._buckets(time.time())[0])
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, account, tokens)
-            pipe.expire(key, self._ttl)
+            pipe.hincrby(key, account, used)
+            pipe.expire(key, int(self.window) + 2 * keys.SHARE_BUCKET_SECONDS)
             await pipe.execute()
+
+
+def _member(account: str, tokens: int, request: str) -> str:
+    return f"{account}\t{tokens}\t{request}"

@@ -132,7 +132,7 @@ class Dispatcher:
         # after the longest request.
         self.limiter = Limiter(client, settings.request_timeout + 60, settings.rate_limit_window)
         self.ledger = UsageLedger(client)
-        self.share = FairShare(client, settings.fair_share_window)
+        self.share = FairShare(client, settings.fair_share_window, settings.request_timeout + 60)
         self.positions = Positions(client)
         # Streamed jobs whose client left, cancelled after the reconnect grace (api/reconnect.py).
         self.leaving = ReconnectGrace(client, self.store)
@@ -194,7 +194,7 @@ class Dispatcher:
             # A key that used more than its share of the model lately waits behind the others of its class;
             # what this request may use counts to its key until it ends (api/fairness.py).
             charged = expected_tokens(job)
-            over = await self.share.admit(job.model, requested_account.get().id, charged)
+            over = await self.share.admit(job.model, requested_account.get().id, charged, job.id)
             job = job.model_copy(update={"over_share": over})
         try:
             async with self.hub.subscribe(job.id) as sub:
@@ -241,7 +241,7 @@ class Dispatcher:
                             logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
         finally:
             if charged:
-                await self._return_charge(job.model, charged)
+                await self._release_share(job, charged)
 
     async def ended(
         self, model: str, prompt: int, cached: int, completion: int, ok: bool, shared: bool = True
@@ -259,11 +259,11 @@ class Dispatcher:
         except redis.RedisError as exc:
             logger.warning("usage of a %s request not counted: %r", model, exc)
 
-    async def _return_charge(self, model: str, tokens: int) -> None:
+    async def _release_share(self, job: Job, held: int) -> None:
         try:
-            await asyncio.shield(self.share.returned(model, requested_account.get().id, tokens))
+            await asyncio.shield(self.share.release(job.model, requested_account.get().id, held, job.id))
         except redis.RedisError as exc:
-            logger.warning("a %s request's expected tokens not given back: %r", model, exc)
+            logger.warning("job %s: its held tokens not given back: %r", job.id, exc)
 
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits

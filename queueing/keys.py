@@ -240,6 +240,11 @@ def promise_key(model: str) -> str:
     return f"{PROMISE_PREFIX}{model}"
 
 
+def share_held_key(model: str) -> str:
+    """What the requests in flight for ``model`` may use, per account (a zset; api/fairness.py)."""
+    return f"{SHARE_PREFIX}{model}:held"
+
+
 def share_key(model: str, bucket: int) -> str:
     """Tokens per account of ``model`` in 5-second bucket ``bucket`` (epoch seconds // 5)."""
     return f"{SHARE_PREFIX}{model}:{bucket}"

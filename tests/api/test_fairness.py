@@ -1,9 +1,10 @@
-"""Fair shares in a real Redis: a key is over its share when it holds more than 1.5x an equal split of a
-model's recent tokens among the keys that used it, counting what its requests in flight may use."""
+"""Fair shares in a real Redis: a key is over its share when what it used of a model lately, or what its
+requests in flight hold, is more than 1.5x an equal split among the keys that used or hold it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import redis
 import redis.asyncio as aredis
@@ -14,73 +15,83 @@ from queueing import keys
 from queueing.jobs import ChatMessage, Job, Sampling
 
 
-def held(client: redis.Redis, model: str, account: str) -> int:
-    return sum(int(client.hget(k, account) or 0) for k in client.keys(f"{keys.SHARE_PREFIX}{model}:*"))
+def used(client: redis.Redis, model: str, account: str) -> int:
+    buckets = [
+        k for k in client.keys(f"{keys.SHARE_PREFIX}{model}:*") if k != keys.share_held_key(model).encode()
+    ]
+    return sum(int(client.hget(k, account) or 0) for k in buckets)
 
 
-def test_a_key_queueing_ten_times_the_load_is_over_its_share_from_its_admissions(
-    redis_server: RedisServer, redis_client: redis.Redis
-) -> None:
-    async def main() -> list[bool]:
-        client = aredis.Redis.from_url(redis_server.url)
-        share = FairShare(client, window=30)
+def with_share(url: str, body: Callable[[FairShare], Awaitable[object]], window: float = 30) -> object:
+    async def main() -> object:
+        client = aredis.Redis.from_url(url)
         try:
-            for light in ("a", "b", "c"):
-                await share.spent("m", light, 100)
-            await share.spent("other-model", "heavy", 10_000)
-            # Ten requests admitted, none ended yet: the second is over (200 of 500 > 1.5 x 125).
-            found = [await share.admit("m", "heavy", 100) for _ in range(10)]
-            found += [await share.admit("m", k, 100) for k in ("a", "newcomer")]
-            return found
+            return await body(FairShare(client, window=window))
         finally:
             await client.aclose()
 
-    assert asyncio.run(main()) == [False] + [True] * 9 + [False, False]
-    assert held(redis_client, "m", "heavy") == 1000
-    (bucket, *_) = redis_client.keys(f"{keys.SHARE_PREFIX}m:*")
-    assert 0 < redis_client.ttl(bucket) <= 30 + 2 * keys.SHARE_BUCKET_SECONDS
+    return asyncio.run(main())
 
 
-def test_near_even_keys_are_within_their_share_and_one_key_alone_is_never_over(
+def test_a_key_that_queues_ten_requests_at_once_is_over_its_share_from_its_second(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
-    async def main() -> list[bool]:
-        client = aredis.Redis.from_url(redis_server.url)
-        share = FairShare(client, window=30)
-        try:
-            solo = await share.admit("m", "solo", 4_000)
-            await share.spent("m", "x", 3_000)
-            await share.spent("m", "y", 2_000)
-            # solo 4000 + 1, x 3000, y 2000: 1.5 x an equal split is 4500.5.
-            return [solo, await share.admit("m", "solo", 1), await share.admit("m", "y", 1)]
-        finally:
-            await client.aclose()
+    async def body(share: FairShare) -> list[bool]:
+        for light in ("a", "b", "c"):
+            await share.spent("m", light, 100)
+        await share.spent("other-model", "heavy", 10_000)
+        found = [await share.admit("m", "heavy", 100, f"h{i}") for i in range(10)]
+        # The light keys, one request each in flight, and a newcomer are within theirs.
+        found += [await share.admit("m", k, 100, k) for k in ("a", "b", "newcomer")]
+        return found
 
-    assert asyncio.run(main()) == [False, False, False]
+    # One request in flight is never over by what it holds; two of two hundred held is.
+    assert with_share(redis_server.url, body) == [False] + [True] * 9 + [False] * 3
+    assert redis_client.zcard(keys.share_held_key("m")) == 13
+    assert 0 < redis_client.pttl(keys.share_held_key("m")) <= 3600 * 1000
 
 
-def test_what_a_request_may_use_is_given_back_at_its_end_and_a_window_of_zero_turns_shares_off(
+def test_what_keys_used_decides_once_their_requests_ended(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
-    async def main() -> tuple[bool, bool]:
-        client = aredis.Redis.from_url(redis_server.url)
-        share, off = FairShare(client, window=30), FairShare(client, window=0)
-        try:
-            await share.admit("m", "a", 500)
-            await share.returned("m", "a", 500)
-            await share.spent("m", "a", 42)
-            # Given back more than a bucket holds (a request longer than the window): counted as none.
-            await share.returned("m", "b", 1_000)
-            await share.spent("m", "c", 10)
-            c_alone = await share.admit("m", "c", 1)
-            await off.spent("m", "a", 10_000)
-            return c_alone, await off.admit("m", "a", 10_000)
-        finally:
-            await client.aclose()
+    async def body(share: FairShare) -> list[bool]:
+        for i in range(10):
+            await share.admit("m", "heavy", 100, f"h{i}")
+            await share.release("m", "heavy", 100, f"h{i}")
+            await share.spent("m", "heavy", 100)
+        for light in ("a", "b", "c"):
+            await share.spent("m", light, 100)
+        # heavy used 1000 of 1300 against 1.5 x 325; nothing is held any more.
+        return [await share.admit("m", k, 1, k) for k in ("heavy", "a")]
 
-    # a 42 and c 11 hold the window (b's -1000 counts as 0): c is within 1.5 x 26.5.
-    assert asyncio.run(main()) == (False, False)
-    assert held(redis_client, "m", "a") == 42
+    assert with_share(redis_server.url, body) == [True, False]
+    assert used(redis_client, "m", "heavy") == 1000
+    assert redis_client.zcard(keys.share_held_key("m")) == 2
+
+
+def test_near_even_keys_and_a_key_alone_are_within_their_share(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    async def body(share: FairShare) -> list[bool]:
+        solo = [await share.admit("m", "solo", 4_000, f"s{i}") for i in range(3)]
+        await share.spent("m", "x", 3_000)
+        await share.spent("m", "y", 2_000)
+        for i in range(3):
+            await share.release("m", "solo", 4_000, f"s{i}")
+        await share.spent("m", "solo", 4_000)
+        # solo 4000, x 3000, y 2000 used: 1.5 x an equal split is 4500.
+        return [*solo, await share.admit("m", "solo", 1, "s"), await share.admit("m", "y", 1, "y")]
+
+    assert with_share(redis_server.url, body) == [False] * 5
+
+
+def test_a_window_of_zero_turns_shares_off(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    async def body(share: FairShare) -> list[bool]:
+        await share.spent("m", "a", 10_000)
+        return [await share.admit("m", "a", 10_000, f"r{i}") for i in range(3)]
+
+    assert with_share(redis_server.url, body, window=0) == [False] * 3
+    assert redis_client.keys(f"{keys.SHARE_PREFIX}*") == []
 
 
 def test_a_job_may_use_its_prompt_estimate_and_its_max_tokens() -> None:

@@ -141,7 +141,7 @@ def settled_counts(fleet: Fleet, rconn: redis.Redis, timeout: float = 60.0) -> d
     raise TimeoutError(f"the fleet did not settle: {last}")
 
 
-def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI) -> None:
+def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI, rconn: redis.Redis) -> None:
     batch = submit(client, [line(i) for i in range(200)])
     assert batch.status in ("validating", "in_progress") and batch.request_counts
     assert batch.request_counts.total == 200
@@ -162,6 +162,10 @@ def test_sdk_flow_answers_every_line_by_custom_id(client: openai.OpenAI) -> None
     )
     assert client.batches.retrieve(batch.id).status == "completed"
     assert batch.id in [b.id for b in client.batches.list(limit=100)]
+    # Each line's job carries its batch's deadline: lines of a batch about to expire go first
+    # (queueing/bands.py).
+    payload = json.loads(rconn.hget(line_job(batch, 0), "payload") or b"{}")
+    assert payload["priority"] == "batch" and payload["deadline"] == batch.expires_at
 
 
 def test_killed_workers_lose_no_line_and_duplicate_none(
