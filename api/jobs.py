@@ -179,7 +179,6 @@ class Dispatcher:
         self, job: Job, disconnected: Disconnected | None = None, options: RunOptions = INTERACTIVE
     ) -> AsyncIterator[JobRun]:
         limits = options.limits or self.limits
-        charged = 0
         # An interactive request queues in the class it asked for, at most its key's (api/priority.py).
         priority = effective() if options.priority == "interactive" else options.priority
         update: dict[str, object] = {"priority": priority, "deadline": options.deadline}
@@ -188,60 +187,77 @@ class Dispatcher:
         job = job.model_copy(update=update)
         # A resumed stream follows a job that exists (api/routes/streams.py), even with no worker left.
         workers = [] if options.replay else await self.candidates(job.model, limits)
-        if not (options.resume or options.replay) and priority != "batch":
-            # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
-            await self.bound.admit(job.model, priority)
-            # A key that used more than its share of the model lately waits behind the others of its class;
-            # what this request may use counts to its key until it ends (api/fairness.py).
-            charged = expected_tokens(job)
-            over = await self.share.admit(job.model, requested_account.get().id, charged, job.id)
-            job = job.model_copy(update={"over_share": over})
+        if options.resume or options.replay or priority == "batch":
+            async with self._follow(job, workers, disconnected, options, limits) as jr:
+                yield jr
+            return
+        # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
+        await self.bound.admit(job.model, priority)
+        # A key over its share of the model waits behind the others of its class; what this request may use
+        # counts to its key until it ends (api/fairness.py).
+        held, account = expected_tokens(job), requested_account.get().id
+        job = job.model_copy(update={"over_share": await self.share.admit(job.model, account, held, job.id)})
         try:
-            async with self.hub.subscribe(job.id) as sub:
-                live = False
-                if options.resume:
-                    attempt, live = await self.store.resume_point(job.id)
-                    job = job.model_copy(update={"attempt": attempt})
-                queue = keys.model_queue(job.model)
-                if not live:
-                    workers = workers or await self.candidates(job.model, limits)
-                    target = await self._submit(job, workers, options, limits)
-                    queue = keys.worker_queue(target) if target else queue
-                backlog = await eventlog.read_after(self.client, job.id, START) if options.replay else []
-                # Followed from the middle (a batch line or background response taken over): what it missed
-                # before is its own business, not a gap to fill from the log.
-                logged = job.stream and (options.replay or not options.resume)
-                jr = JobRun(
-                    self,
-                    job,
-                    sub,
-                    disconnected,
-                    limits,
-                    job.attempt,
-                    backlog=deque(backlog),
-                    logged=logged,
-                    merge_deltas=options.merge_deltas,
-                    queue=queue,
-                )
-                try:
-                    yield jr
-                finally:
-                    await jr.close()
-                    if not jr.finished and options.cancel_on_exit:
-                        # The client left or the request failed: stop the worker spending time on it. Not
-                        # while Redis is away (the worker's own polls stop it later): the error that ended the
-                        # run is what the client must see, and a stream still owes it the error event and
-                        # sentinel.
-                        try:
-                            if options.reconnect_grace > 0 and job.stream:
-                                await asyncio.shield(self.leaving.left(job.id, options.reconnect_grace))
-                            else:
-                                await asyncio.shield(self.store.cancel(job.id))
-                        except redis.RedisError as exc:
-                            logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
+            async with self._follow(job, workers, disconnected, options, limits) as jr:
+                yield jr
         finally:
-            if charged:
-                await self._release_share(job, charged)
+            try:
+                await asyncio.shield(self.share.release(job.model, account, held, job.id))
+            except redis.RedisError as exc:
+                logger.warning("job %s: the tokens it held not given back: %r", job.id, exc)
+
+    @contextlib.asynccontextmanager
+    async def _follow(
+        self,
+        job: Job,
+        workers: list[registry.WorkerInfo],
+        disconnected: Disconnected | None,
+        options: RunOptions,
+        limits: Limits,
+    ) -> AsyncIterator[JobRun]:
+        """Submit ``job`` (or find it running, for a resume) and follow its events."""
+        async with self.hub.subscribe(job.id) as sub:
+            live = False
+            if options.resume:
+                attempt, live = await self.store.resume_point(job.id)
+                job = job.model_copy(update={"attempt": attempt})
+            queue = keys.model_queue(job.model)
+            if not live:
+                target = await self._submit(
+                    job, workers or await self.candidates(job.model, limits), options, limits
+                )
+                queue = keys.worker_queue(target) if target else queue
+            backlog = await eventlog.read_after(self.client, job.id, START) if options.replay else []
+            # Followed from the middle (a batch line or background response taken over): what it missed
+            # before is its own business, not a gap to fill from the log.
+            logged = job.stream and (options.replay or not options.resume)
+            jr = JobRun(
+                self,
+                job,
+                sub,
+                disconnected,
+                limits,
+                job.attempt,
+                backlog=deque(backlog),
+                logged=logged,
+                merge_deltas=options.merge_deltas,
+                queue=queue,
+            )
+            try:
+                yield jr
+            finally:
+                await jr.close()
+                if not jr.finished and options.cancel_on_exit:
+                    # The client left or the request failed: stop the worker spending time on it. Not while
+                    # Redis is away (the worker's own polls stop it later): the error that ended the run is
+                    # what the client must see, and a stream still owes it the error event and sentinel.
+                    try:
+                        if options.reconnect_grace > 0 and job.stream:
+                            await asyncio.shield(self.leaving.left(job.id, options.reconnect_grace))
+                        else:
+                            await asyncio.shield(self.store.cancel(job.id))
+                    except redis.RedisError as exc:
+                        logger.warning("job %s: not cancelled, Redis unavailable: %r", job.id, exc)
 
     async def ended(
         self, model: str, prompt: int, cached: int, completion: int, ok: bool, shared: bool = True
@@ -258,12 +274,6 @@ class Dispatcher:
                 await asyncio.shield(self.share.spent(model, account.id, prompt + completion))
         except redis.RedisError as exc:
             logger.warning("usage of a %s request not counted: %r", model, exc)
-
-    async def _release_share(self, job: Job, held: int) -> None:
-        try:
-            await asyncio.shield(self.share.release(job.model, requested_account.get().id, held, job.id))
-        except redis.RedisError as exc:
-            logger.warning("job %s: its held tokens not given back: %r", job.id, exc)
 
     async def _submit(
         self, job: Job, workers: list[registry.WorkerInfo], options: RunOptions, limits: Limits
