@@ -12,9 +12,15 @@ Two measures, both in tokens (prompt and completion) and both in Redis, so every
 A key is over its share when either exceeds ``SLACK`` times an equal split among the keys that used or hold
 the model (itself included): one key sending ten times the load of three others uses 10/13 of the tokens
 against an equal split of 1/4, so its requests wait on its class's second step (queueing/bands.py) while the
-others' go first. A key with a single request in flight is never over by what it holds (equal keys taking
-turns would otherwise each look over while the others think). Work-conserving: what the others leave is all
-the heavy key's.
+others' go first, and its streams give their slots up to them. A key with a single request in flight is
+never over by what it holds (equal keys taking turns would otherwise each look over while the others think).
+
+A key with more requests in flight than its equal split of the workers' slots (at least one) is *queued*:
+what it adds would wait behind its own requests anyway, so it waits on the second step too, and a key that
+comes later goes first. This is what holds when the heavy key was alone until then, so that no split of the
+tokens made it over its share: its backlog does not stand in front of the newcomer. Such a job gives its
+slot up only as a normal one does (until its first token), so a key alone does not churn its own streams.
+Work-conserving: what the others leave is all the heavy key's.
 
 Like deficit round robin, the unit shared is the token, not the request; unlike it, nothing of ours sits
 between the queue and the workers: kombu's priority lists do the ordering, so a worker pops what it would
@@ -28,16 +34,18 @@ import time
 import redis.asyncio as aredis
 
 from queueing import keys
-from queueing.jobs import Job
+from queueing.jobs import Job, Share
 
 # An equal split of the window's tokens times this is a key's share: two keys at 55/45 are both within it.
 SLACK = 1.5
+SHARES: tuple[Share, ...] = ("within", "over", "queued")
 # A request's prompt counts this many characters a token until its end says how many it had.
 CHARS_PER_TOKEN = 4
 
 # KEYS: the model's used-token buckets of the window, then its held tokens (a zset: "<account>\t<tokens>\t
 # <job id>" -> when it is given up for lost, ms). ARGV: the account, the slack, the request's member, ms it
-# may be held. Holds the request's tokens, then 1 when the account is over its share.
+# may be held, the slots of the workers serving the model. Holds the request's tokens, then 1 when the
+# account is over its share of the tokens, 2 when only of the slots, 0 when within both.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -67,10 +75,12 @@ for account, v in pairs(held) do
   total_held = total_held + v
   if not seen[account] then seen[account] = true; n = n + 1 end
 end
-if n < 2 then return 0 end
 local me, slack = ARGV[1], tonumber(ARGV[2])
 if (used[me] or 0) > slack * total_used / n then return 1 end
 if (requests[me] or 0) > 1 and held[me] > slack * total_held / n then return 1 end
+-- More requests in flight than its split of the slots: the rest would wait behind its own anyway, and a key
+-- that comes later goes first (also when this key was alone: the others are not known yet).
+if (requests[me] or 0) > math.max(1, tonumber(ARGV[5]) / n) then return 2 end
 return 0
 """
 
@@ -96,17 +106,17 @@ class FairShare:
         span = max(1, round(self.window / keys.SHARE_BUCKET_SECONDS))
         return [last - i for i in range(span)]
 
-    async def admit(self, model: str, account: str, tokens: int, request: str) -> bool:
-        """Hold ``tokens`` that ``account``'s request ``request`` for ``model`` may use, until ``ended``;
-        is the account over its share?"""
+    async def admit(self, model: str, account: str, tokens: int, request: str, slots: int) -> Share:
+        """Hold ``tokens`` that ``account``'s request ``request`` for ``model`` may use, until ``release``;
+        is the account over its share? ``slots``: how many jobs the workers serving the model run at once."""
         if self.window <= 0:
-            return False
+            return "within"
         buckets = [keys.share_key(model, b) for b in self._buckets(time.time())]
         found = await self._admit(
             keys=[*buckets, keys.share_held_key(model)],
-            args=[account, SLACK, _member(account, tokens, request), int(self.hold_seconds * 1000)],
+            args=[account, SLACK, _member(account, tokens, request), int(self.hold_seconds * 1000), slots],
         )
-        return bool(found)
+        return SHARES[int(found)]
 
     async def release(self, model: str, account: str, held: int, request: str) -> None:
         """The request admitted holding ``held`` tokens ended."""

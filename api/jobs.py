@@ -196,7 +196,9 @@ class Dispatcher:
         # A key over its share of the model waits behind the others of its class; what this request may use
         # counts to its key until it ends (api/fairness.py).
         held, account = expected_tokens(job), requested_account.get().id
-        job = job.model_copy(update={"over_share": await self.share.admit(job.model, account, held, job.id)})
+        slots = sum(max(1, w.concurrency) for w in workers)
+        share = await self.share.admit(job.model, account, held, job.id, slots)
+        job = job.model_copy(update={"share": share})
         try:
             async with self._follow(job, workers, disconnected, options, limits) as jr:
                 yield jr

@@ -4,8 +4,8 @@ kombu's Redis transport keeps one list per step of a queue (0 to 9, 0 popped fir
 line that every worker honours without any scheduler of ours in between. Each class has a band of steps:
 
 - ``high`` 0-1, ``interactive`` (the normal class) 2-3, ``low`` 4-5: the first step of a band for a key
-  within its fair share of the model's recent tokens, the second for a key over it (api/fairness.py), so a
-  key that sends ten times the others' load waits behind them, not they behind it;
+  within its fair share of the model, the second for a key over it (api/fairness.py), so a key that sends
+  ten times the others' load waits behind them, not they behind it;
 - ``batch`` 6-9: by the time left before the line's batch expires (its ``completion_window``), so a batch
   about to expire gets idle capacity before one that has a day left.
 
@@ -37,7 +37,7 @@ def message_priority(job: Job, now: float | None = None) -> int:
         left = job.deadline - (time.time() if now is None else now)
         return next((step for most, step in BATCH_TIME_LEFT if left < most), BANDS["batch"][-1])
     fair, over = BANDS[job.priority]
-    return over if job.over_share else fair
+    return fair if job.share == "within" else over
 
 
 def yields_below(job: Job) -> int:

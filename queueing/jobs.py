@@ -46,6 +46,8 @@ JobKind = Literal["chat", "completion", "embedding", "count"]
 # every request's by default), low, then batch lines. Kept on the job so that a re-queue after a worker died
 # keeps it.
 Priority = Literal["high", "interactive", "low", "batch"]
+# A job's key's fair share when it was queued (api/fairness.py).
+Share = Literal["within", "queued", "over"]
 # From the one served first to the one served last.
 PRIORITY_ORDER: tuple[Priority, ...] = ("high", "interactive", "low", "batch")
 
@@ -63,9 +65,10 @@ class Job(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = False
     priority: Priority = "interactive"
-    # Its key used more than its share of the model's recent tokens when it was queued: it waits behind the
-    # class's other keys and gives its slot up to them (queueing/bands.py, api/fairness.py).
-    over_share: bool = False
+    # Its key's share of the model when it was queued (api/fairness.py): within it; over its split of the
+    # workers' slots ("queued": it waits behind the class's other keys); over its share of the tokens
+    # ("over": it waits behind them, and a stream gives its slot up to them at any point; queueing/bands.py).
+    share: Share = "within"
     # A batch line: when its batch expires (epoch seconds); lines with less time left go first.
     deadline: float | None = None
     # Bumped each time the job is re-queued after its worker died; a delivery whose attempt is not the

@@ -398,7 +398,7 @@ class JobRunner:
         # start again.
         may_yield = self._preemption is not None and yields_below(job) > 0
         keeps_slot_once_started = job.priority in ("interactive", "high") and not (
-            job.over_share and job.stream
+            job.share == "over" and job.stream
         )
         next_yield_poll = now + self._preempt_poll
         for out in outputs:

@@ -53,11 +53,11 @@ def test_each_class_has_a_list_of_its_own_served_in_class_order(
         job("batch").model_copy(update={"deadline": now + 20 * 3600}),  # 8
         job("batch").model_copy(update={"deadline": now + 3 * 3600}),  # 7
         job("batch").model_copy(update={"deadline": now + 600}),  # 6
-        job("low").model_copy(update={"over_share": True}),  # 5
+        job("low").model_copy(update={"share": "over"}),  # 5
         job("low"),  # 4
-        job("interactive").model_copy(update={"over_share": True}),  # 3
+        job("interactive").model_copy(update={"share": "over"}),  # 3
         job("interactive"),  # 2
-        job("high").model_copy(update={"over_share": True}),  # 1
+        job("high").model_copy(update={"share": "over"}),  # 1
         job("high"),  # 0
     ]
     app = create_celery(Settings(redis_url=redis_server.url), CATALOG)
@@ -81,9 +81,9 @@ def test_each_class_has_a_list_of_its_own_served_in_class_order(
 
 def test_a_job_yields_to_higher_classes_and_to_its_own_class_only_when_over_its_share() -> None:
     assert yields_below(job("high")) == 0, "nothing takes a high job's slot"
-    assert yields_below(job("high").model_copy(update={"over_share": True})) == 1
+    assert yields_below(job("high").model_copy(update={"share": "over"})) == 1
     assert yields_below(job("interactive")) == 2
-    assert yields_below(job("interactive").model_copy(update={"over_share": True})) == 3
+    assert yields_below(job("interactive").model_copy(update={"share": "over"})) == 3
     # Batch lines give their slot to any class above batch, never to another batch line.
     soon = job("batch").model_copy(update={"deadline": time.time() + 60})
     assert yields_below(soon) == yields_below(job("batch")) == 6

@@ -183,7 +183,9 @@ def test_a_stream_of_a_key_over_its_share_yields_to_its_class_even_after_its_fir
     for over, expect_yield in ((True, True), (False, False)):
         redis_client.flushall()
         engine = SlowEngine()
-        job = batch_job().model_copy(update={"priority": "interactive", "stream": True, "over_share": over})
+        job = batch_job().model_copy(
+            update={"priority": "interactive", "stream": True, "share": "over" if over else "within"}
+        )
         runner, job = one_slot_runner(redis_server, redis_client, engine, job)
         result: list[Job | None] = []
         thread = threading.Thread(target=lambda: result.append(runner.run(job)))  # noqa: B023
@@ -199,4 +201,4 @@ def test_a_stream_of_a_key_over_its_share_yields_to_its_class_even_after_its_fir
             continue
         assert not thread.is_alive() and job.id in engine.aborted, "the over-share stream kept its slot"
         (again,) = result
-        assert again is not None and again.attempt == 2 and again.over_share
+        assert again is not None and again.attempt == 2 and again.share == "over"
