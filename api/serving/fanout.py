@@ -45,7 +45,8 @@ async def start_all(
     """Enqueue every job and wait until each was accepted; the runs close with ``stack``. While they wait,
     the request's response may tell the client where they stand (api/queue_position.py)."""
     runs = [await stack.enter_async_context(dispatcher.run(job, disconnected, options)) for job in jobs]
-    room = waiting_room.get()
+    # Only a stream's response can begin before its answer: a JSON answer has one status, sent with it.
+    room = waiting_room.get() if all(job.stream for job in jobs) else None
     if room is not None:
         room.waiting(furthest([(run.job, run.queue) for run in runs], dispatcher.positions))
     try:

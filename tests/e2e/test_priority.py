@@ -113,7 +113,8 @@ def test_a_waiting_stream_hears_its_queue_position_until_its_answer_starts(fleet
     blocker = threading.Thread(target=ask, args=(fleet, 3 * SPEED))
     blocker.start()
     time.sleep(0.3)
-    ahead = threading.Thread(target=ask, args=(fleet, 3))
+    answers: list[httpx.Response] = []
+    ahead = threading.Thread(target=lambda: answers.append(ask(fleet, 3)))
     ahead.start()
     time.sleep(0.2)
     body = {
@@ -130,6 +131,10 @@ def test_a_waiting_stream_hears_its_queue_position_until_its_answer_starts(fleet
     data = [line for line in lines if line.startswith("data: ")]
     assert status == 200
     assert comments and comments[0] == ": queue position 2", lines
+    # The request that waited before it, not streamed, got its JSON answer as it would have without waiting.
+    (answer,) = answers
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["object"] == "chat.completion"
     assert lines[: len(comments)] == comments, "every comment comes before the stream's first event"
     text = "".join(
         c["choices"][0]["delta"].get("content") or ""
