@@ -153,6 +153,8 @@ class Stream:
     finished: list[events.Finished | None] = field(default_factory=list)
     # Whether its end was counted (api/usage.py): once, when it ended or when it was closed unfinished.
     counted: bool = False
+    # A resumed stream counts only when it ends: the request that started it counted the client leaving.
+    resumed: bool = False
 
     def __post_init__(self) -> None:
         self.finished = [None] * len(self.runs)
@@ -169,6 +171,8 @@ class Stream:
         await self._count(self.usage)
 
     async def _count(self, used: TokenUsage | None) -> None:
+        if used is None and self.resumed:
+            return
         if not self.counted:
             self.counted = True
             await _ended(self.dispatcher, self.work, used)
@@ -199,8 +203,9 @@ async def start_stream(
     except errors.ApiError:
         await _ended(dispatcher, work, None)
         raise
-    # A resumed stream was counted by the request that started it.
-    return Stream(work, runs, stack, dispatcher, counted=options.replay)
+    # A resumed stream's request counts its end: the usage its client is told (the one that started it
+    # counted as a request that failed, its client having left with no usage).
+    return Stream(work, runs, stack, dispatcher, resumed=options.replay)
 
 
 def chat_work(

@@ -144,6 +144,7 @@ def test_a_client_that_comes_back_within_the_grace_gets_the_rest(
     fleet: Fleet, path: str, kind: str, body: dict[str, object]
 ) -> None:
     request = {"model": "scripted", "stream": True, **body}
+    before = scripted_usage(fleet)
     first = Sse()
     with httpx.stream("POST", fleet.base_url + path, json=request, timeout=60) as r:
         read_sse(r.iter_lines(), first, stop_after=10)
@@ -158,6 +159,18 @@ def test_a_client_that_comes_back_within_the_grace_gets_the_rest(
     assert rest.done and not set(first.ids) & set(rest.ids)
     assert first.text(kind) + rest.text(kind) == scripted_words(60)
     assert job_state(fleet, stream_id) == "done"
+    # The usage ledger: the request its client left counts as one that failed, the resumed one counts the
+    # tokens, once.
+    after = scripted_usage(fleet)
+    grew = {k: after[k] - before.get(k, 0) for k in ("requests", "errors", "completion_tokens")}
+    assert grew == {"requests": 2, "errors": 1, "completion_tokens": 60}
+
+
+def scripted_usage(fleet: Fleet) -> dict[str, int]:
+    """Today's usage ledger row of the scripted model (no keys here: the anonymous caller's)."""
+    rows = httpx.get(f"{fleet.base_url}/v1/system/usage", timeout=30).json()["data"]
+    (row,) = [r for r in rows if r["model"] == "scripted"] or [{}]
+    return {k: int(v) for k, v in row.items() if isinstance(v, int)}
 
 
 def test_a_client_that_never_comes_back_has_its_job_cancelled_after_the_grace(fleet: Fleet) -> None:
