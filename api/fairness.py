@@ -15,7 +15,8 @@ against an equal split of 1/4, so its requests wait on its class's second step (
 others' go first, and its streams give their slots up to them. A key with a single request in flight is
 never over by what it holds (equal keys taking turns would otherwise each look over while the others think).
 
-A key with more requests in flight than its equal split of the workers' slots (at least one) is *queued*:
+A key with more requests of a class in flight than its equal split of the workers' slots among the keys with
+requests of that class (at least one) is *queued*:
 what it adds would wait behind its own requests anyway, so it waits on the second step too, and a key that
 comes later goes first. This is what holds when the heavy key was alone until then, so that no split of the
 tokens made it over its share: its backlog does not stand in front of the newcomer. Such a job gives its
@@ -34,7 +35,7 @@ import time
 import redis.asyncio as aredis
 
 from queueing import keys
-from queueing.jobs import Job, Share
+from queueing.jobs import Job, Priority, Share
 
 # An equal split of the window's tokens times this is a key's share: two keys at 55/45 are both within it.
 SLACK = 1.5
@@ -43,9 +44,11 @@ SHARES: tuple[Share, ...] = ("within", "over", "queued")
 CHARS_PER_TOKEN = 4
 
 # KEYS: the model's used-token buckets of the window, then its held tokens (a zset: "<account>\t<tokens>\t
-# <job id>" -> when it is given up for lost, ms). ARGV: the account, the slack, the request's member, ms it
-# may be held, the slots of the workers serving the model. Holds the request's tokens, then 1 when the
-# account is over its share of the tokens, 2 when only of the slots, 0 when within both.
+# <class>\t<job id>" -> when it is given up for lost, ms). ARGV: the account, the slack, the request's
+# member, ms it may be held, the slots of the workers serving the model, the request's class. Holds the
+# request's tokens, then 1 when the account is over its share of the tokens, 2 when only of the slots (split
+# among the keys with requests of its class: classes do not wait behind each other's backlogs anyway), 0
+# when within both.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -54,15 +57,16 @@ local held_key, hold = KEYS[#KEYS], tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now)
 redis.call('ZADD', held_key, now + hold, ARGV[3])
 if redis.call('PTTL', held_key) < hold then redis.call('PEXPIRE', held_key, hold) end
-local used, held, requests, seen = {}, {}, {}, {}
+local used, held, requests, in_class, seen = {}, {}, {}, {}, {}
 for i = 1, #KEYS - 1 do
   local flat = redis.call('HGETALL', KEYS[i])
   for j = 1, #flat, 2 do used[flat[j]] = (used[flat[j]] or 0) + tonumber(flat[j + 1]) end
 end
 for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
-  local account, tokens = string.match(member, '^(.-)\t(%d+)\t')
+  local account, tokens, class = string.match(member, '^(.-)\t(%d+)\t(.-)\t')
   held[account] = (held[account] or 0) + tonumber(tokens)
   requests[account] = (requests[account] or 0) + 1
+  if class == ARGV[6] then in_class[account] = (in_class[account] or 0) + 1 end
 end
 local n, total_used, total_held = 0, 0, 0
 for account, v in pairs(used) do
@@ -80,7 +84,9 @@ if (used[me] or 0) > slack * total_used / n then return 1 end
 if (requests[me] or 0) > 1 and held[me] > slack * total_held / n then return 1 end
 -- More requests in flight than its split of the slots: the rest would wait behind its own anyway, and a key
 -- that comes later goes first (also when this key was alone: the others are not known yet).
-if (requests[me] or 0) > math.max(1, tonumber(ARGV[5]) / n) then return 2 end
+local keys_in_class = 0
+for _ in pairs(in_class) do keys_in_class = keys_in_class + 1 end
+if (in_class[me] or 0) > math.max(1, tonumber(ARGV[5]) / keys_in_class) then return 2 end
 return 0
 """
 
@@ -106,7 +112,9 @@ class FairShare:
         span = max(1, round(self.window / keys.SHARE_BUCKET_SECONDS))
         return [last - i for i in range(span)]
 
-    async def admit(self, model: str, account: str, tokens: int, request: str, slots: int) -> Share:
+    async def admit(
+        self, model: str, account: str, tokens: int, request: str, slots: int, priority: Priority
+    ) -> Share:
         """Hold ``tokens`` that ``account``'s request ``request`` for ``model`` may use, until ``release``;
         is the account over its share? ``slots``: how many jobs the workers serving the model run at once."""
         if self.window <= 0:
@@ -114,14 +122,21 @@ class FairShare:
         buckets = [keys.share_key(model, b) for b in self._buckets(time.time())]
         found = await self._admit(
             keys=[*buckets, keys.share_held_key(model)],
-            args=[account, SLACK, _member(account, tokens, request), int(self.hold_seconds * 1000), slots],
+            args=[
+                account,
+                SLACK,
+                _member(account, tokens, priority, request),
+                int(self.hold_seconds * 1000),
+                slots,
+                priority,
+            ],
         )
         return SHARES[int(found)]
 
-    async def release(self, model: str, account: str, held: int, request: str) -> None:
+    async def release(self, model: str, account: str, held: int, request: str, priority: Priority) -> None:
         """The request admitted holding ``held`` tokens ended."""
         if self.window > 0:
-            await self._r.zrem(keys.share_held_key(model), _member(account, held, request))
+            await self._r.zrem(keys.share_held_key(model), _member(account, held, priority, request))
 
     async def spent(self, model: str, account: str, used: int) -> None:
         """``account``'s request for ``model`` ended having used ``used`` tokens."""
@@ -134,5 +149,5 @@ class FairShare:
             await pipe.execute()
 
 
-def _member(account: str, tokens: int, request: str) -> str:
-    return f"{account}\t{tokens}\t{request}"
+def _member(account: str, tokens: int, priority: Priority, request: str) -> str:
+    return f"{account}\t{tokens}\t{priority}\t{request}"

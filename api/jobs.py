@@ -197,14 +197,14 @@ class Dispatcher:
         # counts to its key until it ends (api/fairness.py).
         held, account = expected_tokens(job), requested_account.get().id
         slots = sum(max(1, w.concurrency) for w in workers)
-        share = await self.share.admit(job.model, account, held, job.id, slots)
+        share = await self.share.admit(job.model, account, held, job.id, slots, priority)
         job = job.model_copy(update={"share": share})
         try:
             async with self._follow(job, workers, disconnected, options, limits) as jr:
                 yield jr
         finally:
             try:
-                await asyncio.shield(self.share.release(job.model, account, held, job.id))
+                await asyncio.shield(self.share.release(job.model, account, held, job.id, priority))
             except redis.RedisError as exc:
                 logger.warning("job %s: the tokens it held not given back: %r", job.id, exc)
 
