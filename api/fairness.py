@@ -16,12 +16,11 @@ others' go first, and its streams give their slots up to them. A key with a sing
 never over by what it holds (equal keys taking turns would otherwise each look over while the others think).
 
 A key with more requests of a class in flight than its equal split of the workers' slots among the keys with
-requests of that class (at least one) is *queued*:
-what it adds would wait behind its own requests anyway, so it waits on the second step too, and a key that
-comes later goes first. This is what holds when the heavy key was alone until then, so that no split of the
-tokens made it over its share: its backlog does not stand in front of the newcomer. Such a job gives its
-slot up only as a normal one does (until its first token), so a key alone does not churn its own streams.
-Work-conserving: what the others leave is all the heavy key's.
+requests of that class (at least one) is *queued*: what it adds would wait behind its own requests anyway, so
+it waits on the second step too, and a key that comes later goes first. This is what holds when the heavy key
+was alone until then, so that no split of the tokens made it over its share: its backlog does not stand in
+front of the newcomer. Such a job gives its slot up only as a normal one does (until its first token), so a
+key alone does not churn its own streams. Work-conserving: what the others leave is all the heavy key's.
 
 Like deficit round robin, the unit shared is the token, not the request; unlike it, nothing of ours sits
 between the queue and the workers: kombu's priority lists do the ordering, so a worker pops what it would

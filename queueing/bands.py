@@ -4,8 +4,9 @@ kombu's Redis transport keeps one list per step of a queue (0 to 9, 0 popped fir
 line that every worker honours without any scheduler of ours in between. Each class has a band of steps:
 
 - ``high`` 0-1, ``interactive`` (the normal class) 2-3, ``low`` 4-5: the first step of a band for a key
-  within its fair share of the model, the second for a key over it (api/fairness.py), so a key that sends
-  ten times the others' load waits behind them, not they behind it;
+  within its fair share of the model, the second for a key over it or with more requests than its split of
+  the slots (api/fairness.py), so a key that sends ten times the others' load waits behind them, not they
+  behind it;
 - ``batch`` 6-9: by the time left before the line's batch expires (its ``completion_window``), so a batch
   about to expire gets idle capacity before one that has a day left.
 
@@ -47,7 +48,3 @@ def yields_below(job: Job) -> int:
     if job.priority == "batch":
         return BANDS["batch"][0]
     return message_priority(job)
-
-
-def class_of(step: int) -> Priority:
-    return next(p for p, steps in BANDS.items() if step in steps)

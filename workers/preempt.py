@@ -5,8 +5,9 @@ slot runs lower-class work waits for one of those jobs to finish. Instead, a bat
 (and a normal one until its first token) looks every few tens of milliseconds for messages of a higher class
 waiting on the queues this worker consumes (only the priority lists above its own), and if there is one it
 stops and goes back to the queue as its next attempt; the freed slot then pops the higher-class message
-first. A job of a key over its fair share (queueing/bands.py) yields the same way to a key of its class
-within its share: a stream at any point, other output until its first token. A stream that gave its slot up
+first. A job of a key over its fair share (queueing/bands.py, api/fairness.py) yields the same way to a key
+of its class within its share: a stream of a key over its share of the tokens at any point, other jobs until
+their first token. A stream that gave its slot up
 after sending text continues where it stopped when it runs again (workers/migration.py).
 """
 
