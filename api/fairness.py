@@ -35,12 +35,11 @@ import redis.asyncio as aredis
 
 from queueing import keys
 from queueing.jobs import Job, Priority, Share
+from queueing.prefixes import estimated_tokens
 
 # An equal split of the window's tokens times this is a key's share: two keys at 55/45 are both within it.
 SLACK = 1.5
 SHARES: tuple[Share, ...] = ("within", "over", "queued")
-# A request's prompt counts this many characters a token until its end says how many it had.
-CHARS_PER_TOKEN = 4
 
 # KEYS: the model's used-token buckets of the window, then its held tokens (a zset: "<account>\t<tokens>\t
 # <class>\t<job id>" -> when it is given up for lost, ms). ARGV: the account, the slack, the request's
@@ -91,11 +90,12 @@ return 0
 
 
 def expected_tokens(job: Job) -> int:
-    """What a job may use: its prompt's estimate (``CHARS_PER_TOKEN``) and its ``max_tokens``."""
-    chars = sum(len(m.content) for m in job.messages) + len(job.prompt or "")
-    chars += sum(len(x) if isinstance(x, str) else 4 * len(x) for x in job.inputs)
+    """What a job may use: its prompt's estimate (the one affinity routing uses) and its ``max_tokens``."""
+    texts = [m.content for m in job.messages] + [job.prompt or ""]
+    prompt = sum(estimated_tokens(t) for t in texts)
+    prompt += sum(estimated_tokens(x) if isinstance(x, str) else len(x) for x in job.inputs)
     generated = 0 if job.kind in ("embedding", "count") else job.sampling.max_tokens
-    return max(1, chars // CHARS_PER_TOKEN + generated)
+    return max(1, prompt + generated)
 
 
 class FairShare:

@@ -41,6 +41,13 @@ def message_priority(job: Job, now: float | None = None) -> int:
     return fair if job.share == "within" else over
 
 
+def keeps_slot_once_started(job: Job) -> bool:
+    """Whether ``job`` stops yielding once it sent text: a normal or high one does, except a stream of a key
+    over its share of the tokens, which continues where it stopped when it runs again
+    (workers/migration.py), where other output would start again."""
+    return job.priority in ("interactive", "high") and not (job.share == "over" and job.stream)
+
+
 def yields_below(job: Job) -> int:
     """Work waiting on a step below this one takes ``job``'s slot (workers/preempt.py): any higher class, and
     within its class a key within its share when ``job``'s key is over it. Batch lines never yield to other

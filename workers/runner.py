@@ -24,7 +24,7 @@ from engines.base import (
 )
 from queueing import events
 from queueing.affinity import Recorder
-from queueing.bands import yields_below
+from queueing.bands import keeps_slot_once_started, yields_below
 from queueing.eventlog import Channel
 from queueing.events import ErrorCode
 from queueing.jobs import Job, JobState
@@ -393,17 +393,13 @@ class JobRunner:
         now = time.monotonic()
         next_poll = now + self._cancel_poll
         # Batch lines and low-class jobs yield at any point, a normal one until its first token, a high one
-        # never (workers/preempt.py). A stream of a key over its share yields at any point to a key of its
-        # class within it: it continues where it stopped (workers/migration.py), where other output would
-        # start again.
+        # only to its class's keys within their share (queueing/bands.py, workers/preempt.py).
         may_yield = self._preemption is not None and yields_below(job) > 0
-        keeps_slot_once_started = job.priority in ("interactive", "high") and not (
-            job.share == "over" and job.stream
-        )
+        keeps_slot = keeps_slot_once_started(job)
         next_yield_poll = now + self._preempt_poll
         for out in outputs:
             yield out
-            if out.text and keeps_slot_once_started:
+            if out.text and keeps_slot:
                 may_yield = False
             now = time.monotonic()
             if now >= next_poll:
