@@ -30,6 +30,39 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 
+# Latency of the serving path as a client sees it, by model and priority class (api/jobrun.py observes them):
+# the time a job waited on its queue before a worker claimed it, its time to first token from submission, and
+# the gaps between its token events (each gap divided among the tokens the event carried).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+QUEUE_WAIT = Histogram(
+    "inferq_queue_wait_seconds",
+    "Time a job waited on its queue until a worker claimed it, by model and priority class.",
+    ["model", "priority"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFT = Histogram(
+    "inferq_request_ttft_seconds",
+    "Time from a job's submission to its first token, by model and priority class.",
+    ["model", "priority"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INTER_TOKEN = Histogram(
+    "inferq_request_inter_token_seconds",
+    "Time between a job's tokens after the first, by model.",
+    ["model"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+# Errors answered to clients, by the protocol-neutral code (api/errors.py) and HTTP status.
+REQUEST_ERRORS = Counter(
+    "inferq_request_errors",
+    "Requests answered with an error, by error code and HTTP status.",
+    ["code", "status"],
+    registry=REGISTRY,
+)
+
 
 class MetricsMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware), so a stream's chunks pass straight through: it only looks at the
