@@ -32,6 +32,7 @@ from api.memory import MemoryReturn
 from api.metrics import MetricsMiddleware
 from api.priority import PRIORITY_HEADER, parse_header, requested_class
 from api.queue_position import QueuePositionMiddleware
+from api.redis_breaker import RedisBreaker
 from api.redis_pool import ShrinkingPool
 from api.redis_timeouts import loop_fair
 from api.requeue_sweep import RequeueSweep
@@ -74,7 +75,7 @@ async def _routing_header(connection: HTTPConnection) -> None:
     requested_owner.set(owner_of(key_of(connection.headers)))
 
 
-def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
+def api_redis(settings: Settings, breaker: RedisBreaker | None = None) -> tuple[aredis.Redis, ShrinkingPool]:
     """The API's Redis client. Short timeouts and no retry on a timeout: while Redis is down or frozen a
     request answers 503 within about ``api_redis_timeout`` (redis-py's default retries would stretch that to
     ~5 s). The timeouts are loop-fair (api/redis_timeouts.py): a reply that came in time counts even when a
@@ -97,6 +98,7 @@ def api_redis(settings: Settings) -> tuple[aredis.Redis, ShrinkingPool]:
     pool.connection_kwargs["command_timeout"] = settings.api_redis_timeout
     # Connecting is part of getting a connection, so it has as long as waiting for one.
     pool.connection_kwargs["connect_timeout"] = settings.api_redis_pool_timeout
+    pool.connection_kwargs["breaker"] = breaker
     # from_pool: the client owns the pool, so closing the client closes its connections.
     return aredis.Redis.from_pool(pool), pool
 
@@ -107,7 +109,10 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client, pool = api_redis(settings)
+        breaker = RedisBreaker()
+        client, pool = api_redis(settings, breaker)
+        breaker.attach(client)
+        app.state.breaker = breaker
         hub = StreamHub(settings.redis_url, timeout=settings.api_redis_timeout)
         await hub.start()
         celery = create_celery(settings, catalog)
@@ -144,6 +149,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await background.close()
             await app.state.batches.stop()
             await hub.close()
+            await breaker.close()
             await client.aclose()
             celery.close()
 

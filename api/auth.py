@@ -28,6 +28,7 @@ from api import errors
 from api.errors import ApiError, respond
 from api.keystore import KeyStore, ManagedKey, digest, requested_key
 from api.ratelimit import Admission, Limiter
+from api.redis_breaker import RedisBreaker
 from api.usage import ANONYMOUS, Account, requested_account
 from queueing.settings import Settings
 
@@ -167,8 +168,12 @@ class AuthMiddleware:
         method, path, presented = scope.get("method", "GET"), scope["path"], _presented(scope)
         managed: ManagedKey | None = None
         admission: Admission | None = None
+        error: ApiError | None
         try:
-            if path not in OPEN_PATHS:
+            if path not in OPEN_PATHS and cast(RedisBreaker, scope["app"].state.breaker).open:
+                # Redis is known not to answer: say so now rather than after a timeout of this request's own.
+                error = errors.redis_unavailable()
+            elif path not in OPEN_PATHS:
                 store, limiter = _managed(scope)
                 if presented is not None:
                     managed = await store.lookup(digest(presented))

@@ -25,6 +25,8 @@ from typing import Any
 import redis
 from redis.asyncio.connection import AbstractConnection
 
+from api.redis_breaker import RedisBreaker
+
 # Long enough that the next timer phase comes after a poll of the sockets on every loop: uvloop runs a
 # zero delay as call_soon, which would come before the poll.
 _AFTER_A_POLL = 0.001
@@ -70,6 +72,8 @@ class LoopFairTimeout:
 
 
 def _timed_out(what: str, delay: float, connection: Any) -> redis.TimeoutError:
+    if connection.breaker is not None:
+        connection.breaker.trip()
     return redis.TimeoutError(f"Timeout {what} Redis ({connection.host}) after {delay}s")
 
 
@@ -81,9 +85,18 @@ class _LoopFair:
     mid-read closes its connection (redis-py does that on any exception), so no late reply is read by the
     next command."""
 
-    def __init__(self, *, command_timeout: float, connect_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        command_timeout: float,
+        connect_timeout: float,
+        breaker: RedisBreaker | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.command_timeout = command_timeout
+        # Told of every timeout: new requests are refused at once until Redis answers (api/redis_breaker.py).
+        self.breaker = breaker
         # A connect takes several turns of the loop (connect, the connection's callbacks, its first
         # commands), each of which a busy loop delays, so it has a budget of its own: a burst on two cores
         # saw connects to an idle Redis time out at 2 s. Its commands still each have ``command_timeout``,

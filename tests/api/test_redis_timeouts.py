@@ -14,6 +14,7 @@ import redis.asyncio as aredis
 import uvloop
 
 from api.app import api_redis
+from api.redis_breaker import RedisBreaker
 from ops.redis_server import RedisServer
 from queueing.settings import Settings
 from tests.fleet import freeze, thaw
@@ -88,3 +89,35 @@ def test_a_frozen_redis_still_times_out_within_the_timeout(server: RedisServer, 
             await client.aclose()
 
     run(loop, main)
+
+
+def test_a_timeout_opens_the_breaker_until_a_ping_answers(server: RedisServer) -> None:
+    """After one command timed out, the breaker says Redis is away (new requests then answer 503 at once,
+    api/auth.py) until the probe's PING is answered; a slow PING while frozen keeps it open."""
+
+    async def main() -> None:
+        breaker = RedisBreaker(probe_every=0.05)
+        client, _ = api_redis(Settings(redis_url=server.url, api_redis_timeout=TIMEOUT), breaker)
+        breaker.attach(client)
+        try:
+            await client.ping()
+            assert not breaker.open
+            freeze(server)
+            try:
+                with pytest.raises(redis.TimeoutError):
+                    await client.get("k")
+                assert breaker.open
+                await asyncio.sleep(4 * TIMEOUT)  # several probes, each timing out
+                assert breaker.open
+            finally:
+                thaw(server)
+            thawed = time.monotonic()
+            while breaker.open:
+                assert time.monotonic() - thawed < 2 * TIMEOUT + 0.5, "the breaker stayed open"
+                await asyncio.sleep(0.01)
+            assert await client.ping()
+        finally:
+            await breaker.close()
+            await client.aclose()
+
+    run("uvloop", main)
