@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from api.metrics import INTER_TOKEN, QUEUE_WAIT, TTFT
 from queueing import events, tracing
 from queueing.jobs import Job
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
 
 
 @dataclass
@@ -28,6 +32,8 @@ class JobTimes:
     # When the last token event came (monotonic), and of which attempt; None before the first.
     token_at: float | None = None
     token_attempt: int = 0
+    # The job's inter-token histogram, looked up once (a lookup costs about what an observation does).
+    _gaps: Histogram | None = field(default=None, repr=False)
 
     @classmethod
     def submitted(cls, attempt: int) -> JobTimes:
@@ -70,12 +76,12 @@ class JobTimes:
         if self.token_at is None:
             if self.submitted_at is not None:
                 TTFT.labels(job.model, job.priority).observe(now - self.submitted_mono)
-        elif delta.attempt == self.token_attempt:
+            self._gaps = INTER_TOKEN.labels(job.model)
+        elif delta.attempt == self.token_attempt and self._gaps is not None:
             tokens = max(1, delta.tokens)
             gap = (now - self.token_at) / tokens
-            each = INTER_TOKEN.labels(job.model)
             for _ in range(tokens):
-                each.observe(gap)
+                self._gaps.observe(gap)
         self.token_at, self.token_attempt = now, delta.attempt
 
     def _failover(self, job: Job, event: events.Event) -> None:
