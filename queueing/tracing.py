@@ -216,4 +216,7 @@ def annotate(attributes: Attributes) -> None:
         return
     from opentelemetry import trace
 
-    trace.get_current_span().set_attributes(attributes)
+    span = trace.get_current_span()
+    # A background response's job is submitted after its request's span ended: nothing to add to then.
+    if span.is_recording():
+        span.set_attributes(attributes)

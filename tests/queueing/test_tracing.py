@@ -3,6 +3,8 @@ client's trace context carried in a job and continued by the spans recorded from
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import subprocess
 import sys
@@ -98,3 +100,18 @@ def test_spans_begun_and_ended_at_measured_times_nest(exported: InMemorySpanExpo
     assert claim.parent is not None and job.context is not None
     assert claim.parent.span_id == job.context.span_id
     assert (job.start_time, job.end_time, job.status.description) == (100, 300, "the job failed")
+
+
+def test_attributes_go_to_the_current_span_only_while_it_records(
+    exported: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tracing.current("POST /v1/responses", kind="server"):
+        tracing.annotate({"gen_ai.request.model": "m"})
+        # A background response's task: created in the request, it runs on after the request's span ended.
+        later = contextvars.copy_context()
+    with caplog.at_level(logging.WARNING):
+        later.run(tracing.annotate, {"inferq.job_id": "late"})
+    assert not caplog.records, caplog.records
+    tracing.flush()
+    (request,) = exported.get_finished_spans()
+    assert dict(request.attributes or {}) == {"gen_ai.request.model": "m"}
