@@ -57,6 +57,8 @@ from api.routes import (
 )
 from api.sessions import SESSION_HEADERS, requested_session, session_digest
 from api.streams import StreamHub
+from api.tracing import TracingMiddleware
+from queueing import tracing
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
 from queueing.settings import Settings, get_settings
@@ -152,6 +154,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await breaker.close()
             await client.aclose()
             celery.close()
+            tracing.flush()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, dependencies=[Depends(_routing_header)])
     errors.install(app)
@@ -182,4 +185,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     app.add_middleware(auth.AuthMiddleware, keys=auth.Keys.from_settings(settings))
     # Outermost, so that it also counts what the key check turned away.
     app.add_middleware(MetricsMiddleware)
+    # Off unless OTEL_* variables ask for it (queueing/tracing.py); around everything, the metrics included.
+    if tracing.setup("inferq-api"):
+        app.add_middleware(TracingMiddleware)
     return app

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from api import errors
+from api.jobtimes import JobTimes
 from api.redis_pool import NoConnectionFree
 from api.streams import Subscription
 from queueing import eventlog, events, registry
@@ -65,6 +66,8 @@ class JobRun:
     merge_deltas: bool = False
     # An event taken while merging deltas that was not one to merge: the next one to hand out.
     _ahead: tuple[events.Event | None, bool] | None = field(default=None, repr=False)
+    # Its queue wait, time to first token, inter-token gaps and failovers, measured as its events come.
+    times: JobTimes = field(default_factory=JobTimes)
 
     @property
     def text_sent(self) -> str:
@@ -129,7 +132,7 @@ class JobRun:
     async def _merged(self, delta: events.Delta) -> events.Delta:
         """``delta`` and the deltas of its attempt that are ready after it, as one: a client that reads
         slower than the worker sends gets what accumulated in one chunk, not one chunk per event."""
-        parts, logprobs = [delta.text], list(delta.logprobs or [])
+        parts, logprobs, tokens = [delta.text], list(delta.logprobs or []), delta.tokens
         while self.backlog or not self.sub.queue.empty():
             event, sent = await self._next(0)
             if event is None:
@@ -139,10 +142,14 @@ class JobRun:
                 break
             parts.append(event.text)
             logprobs += event.logprobs or []
+            tokens += event.tokens
         if len(parts) == 1:
             return delta
         merged = delta.logprobs is not None or bool(logprobs)
-        return events.Delta(attempt=delta.attempt, text="".join(parts), logprobs=logprobs if merged else None)
+        text = "".join(parts)
+        return events.Delta(
+            attempt=delta.attempt, text=text, logprobs=logprobs if merged else None, tokens=tokens
+        )
 
     async def _next(self, wait: float) -> tuple[events.Event | None, bool]:
         """The next event: logged (a backlog's), live, or rebuilt by the watchdog when none came within
@@ -165,7 +172,10 @@ class JobRun:
             if at <= self.position:
                 return None, True  # taken already: a replayed event's live copy
             self.position = at
-        return events.decode(body), True
+        event = events.decode(body)
+        if live:
+            self.times.heard(self.job, event)
+        return event, True
 
     async def _lost_before(self, at: EventId, raw: bytes) -> bool:
         """Whether pub/sub lost logged events before ``raw`` (id ``at``; ids run on, one by one, within an
@@ -262,6 +272,7 @@ class JobRun:
             return
         if now - self._lost_since < RECORD_LOST_GRACE:
             return
+        self.times.resubmitted(self.job, self.attempt + 1, self._lost_since)
         self._lost_since = None
         self.attempt += 1
         logger.warning(

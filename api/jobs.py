@@ -20,6 +20,7 @@ from api.admission import QueueBound
 from api.control import FleetControl
 from api.fairness import FairShare, expected_tokens
 from api.jobrun import JobRun
+from api.jobtimes import JobTimes
 from api.keystore import requested_key
 from api.priority import effective
 from api.queue_position import Positions
@@ -28,7 +29,7 @@ from api.reconnect import ReconnectGrace
 from api.sessions import requested_session
 from api.streams import StreamHub
 from api.usage import UsageLedger, requested_account
-from queueing import eventlog, keys, registry
+from queueing import eventlog, keys, registry, tracing
 from queueing.affinity import Balance, Prefix
 from queueing.catalog import ROUTING_MODES, Catalog, Routing
 from queueing.celery_app import enqueue
@@ -184,6 +185,10 @@ class Dispatcher:
         update: dict[str, object] = {"priority": priority, "deadline": options.deadline}
         if job.session is None and (session := requested_session.get()) is not None:
             update["session"] = session
+        if job.trace_context is None and tracing.enabled():
+            # The request's span: the worker's spans of this job are its children.
+            update["trace_context"] = tracing.inject() or None
+            tracing.annotate({"gen_ai.request.model": job.model, "inferq.job_id": job.id})
         job = job.model_copy(update=update)
         # A resumed stream follows a job that exists (api/routes/streams.py), even with no worker left.
         workers = [] if options.replay else await self.candidates(job.model, limits)
@@ -191,13 +196,16 @@ class Dispatcher:
             async with self._follow(job, workers, disconnected, options, limits) as jr:
                 yield jr
             return
-        # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
-        await self.bound.admit(job.model, priority)
-        # A key over its share of the model waits behind the others of its class; what this request may use
-        # counts to its key until it ends (api/fairness.py).
         held, account = expected_tokens(job), requested_account.get().id
-        slots = sum(max(1, w.concurrency) for w in workers)
-        share = await self.share.admit(job.model, account, held, job.id, slots, priority)
+        with tracing.current("admission", attributes={"inferq.priority": priority}) as span:
+            # A full queue refuses a new request now, with when to come back (batch lines wait their turn).
+            await self.bound.admit(job.model, priority)
+            # A key over its share of the model waits behind the others of its class; what this request may
+            # use counts to its key until it ends (api/fairness.py).
+            slots = sum(max(1, w.concurrency) for w in workers)
+            share = await self.share.admit(job.model, account, held, job.id, slots, priority)
+            if span is not None:
+                span.set_attribute("inferq.share", share)
         job = job.model_copy(update={"share": share})
         try:
             async with self._follow(job, workers, disconnected, options, limits) as jr:
@@ -224,7 +232,9 @@ class Dispatcher:
                 attempt, live = await self.store.resume_point(job.id)
                 job = job.model_copy(update={"attempt": attempt})
             queue = keys.model_queue(job.model)
+            times = JobTimes(attempt=job.attempt)
             if not live:
+                times = JobTimes.submitted(job.attempt)
                 target = await self._submit(
                     job, workers or await self.candidates(job.model, limits), options, limits
                 )
@@ -244,6 +254,7 @@ class Dispatcher:
                 logged=logged,
                 merge_deltas=options.merge_deltas,
                 queue=queue,
+                times=times,
             )
             try:
                 yield jr

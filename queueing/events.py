@@ -16,6 +16,8 @@ class Started(BaseModel):
     # Characters of the answer this attempt continues (a stream that moved here from a worker that died or
     # was drained): its deltas follow that text, which earlier attempts sent.
     continues: int = 0
+    # When the worker claimed the job (epoch seconds, the worker's clock): the end of its queue wait.
+    claimed_at: float | None = None
 
 
 class TopLogprob(BaseModel):
@@ -35,6 +37,9 @@ class Delta(BaseModel):
     text: str
     # Present only when the job asked for logprobs: the tokens behind this text.
     logprobs: list[TokenLogprob] | None = None
+    # Tokens behind this text (a worker sends several at once when they come faster than it publishes): the
+    # API spreads the gap since the previous delta over them (inter-token latency).
+    tokens: int = 1
 
 
 class Finished(BaseModel):

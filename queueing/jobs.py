@@ -77,3 +77,7 @@ class Job(BaseModel):
     # An explicit conversation id (OpenAI's `prompt_cache_key`, or a session header): `affinity` routing
     # sends the session's turns to the worker that served it last, whose engine still holds its prefix.
     session: str | None = None
+    # The W3C trace context (traceparent, tracestate) of the API's request span, so that the worker's spans
+    # join the request's trace (queueing/tracing.py); None when the API does not trace. Re-queued attempts
+    # keep it, so a failover shows in the same trace.
+    trace_context: dict[str, str] | None = None

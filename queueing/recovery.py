@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import redis
 
-from queueing import keys, registry
+from queueing import keys, registry, tracing
 from queueing.faults import fault
 from queueing.jobs import Job
 from queueing.jobstore import JobStore
@@ -48,8 +48,21 @@ def requeue_jobs_of(store: JobStore, name: str, enqueue: Callable[[Job], None]) 
             enqueue(job)
             store.sent(job)
             requeued.append(job.id)
+            _traced_failover(job, name)
     store.forget_worker(name)
     return requeued
+
+
+def _traced_failover(job: Job, dead: str) -> None:
+    # In the request's trace (the job carries its context): the moment its next attempt was queued.
+    at = tracing.now_ns()
+    what: tracing.Attributes = {
+        "inferq.job_id": job.id,
+        "inferq.reason": "worker died",
+        "inferq.worker.lost": dead,
+        "inferq.attempt": job.attempt,
+    }
+    tracing.record("failover", at, at, job.trace_context, what)
 
 
 def reap_dead_workers(

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
+from queueing import tracing
 from queueing.catalog import get_catalog
 from queueing.celery_app import create_celery, worker_queue
 from queueing.settings import get_settings
@@ -31,6 +32,8 @@ app.conf.worker_consumer = "workers.broker:Consumer"
 
 @celeryd_after_setup.connect
 def _load_models(sender: str, instance: Any, **_: Any) -> None:
+    # Threads, not forked children: set up once here, the processor's thread serves every job's spans.
+    tracing.setup("inferq-worker")
     try:
         rt = runtime.start_runtime(get_settings(), get_catalog(), nodename=sender)
     except Exception as exc:
@@ -59,6 +62,8 @@ def _drain(**_: Any) -> None:
 @worker_shutdown.connect
 def _leave_fleet(**_: Any) -> None:
     runtime.stop_runtime()
+    # What the last jobs traced goes out before the process exits.
+    tracing.shutdown()
 
 
 import workers.control  # noqa: E402  (registers the remote-control commands)

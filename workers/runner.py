@@ -36,6 +36,7 @@ from workers.liveness import Liveness
 from workers.models import ModelManager, ModelNotLoaded
 from workers.outbox import Outbox
 from workers.preempt import Preemption
+from workers.spans import JobSpans
 from workers.stats import WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -117,15 +118,18 @@ class JobRunner:
     def run(self, job: Job) -> Job | None:
         """Run ``job``; returns the job to queue again when it gave its slot up (a batch line yielding to
         an interactive request), else None."""
+        received = time.time_ns()
         if not self._claim(job):
             # Finished, cancelled, or re-queued as a later attempt: this delivery is stale.
             logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
             return None
+        spans = JobSpans.claimed(received)
         try:
-            return self._run_claimed(job)
+            return self._run_claimed(job, spans)
         finally:
             with self._active_lock:
                 self._active.discard(job.id)
+            spans.send(job, self.worker)
 
     def _claim(self, job: Job) -> bool:
         with self._active_lock:
@@ -147,7 +151,7 @@ class JobRunner:
                 self._active.discard(job.id)
         return ours
 
-    def _run_claimed(self, job: Job) -> Job | None:
+    def _run_claimed(self, job: Job, spans: JobSpans) -> Job | None:
         # A stream's events are kept too, so that its client can resume it (queueing/eventlog.py).
         channel = Channel(job.id, job.attempt, logged=job.stream)
         self.stats.job_started()
@@ -155,11 +159,11 @@ class JobRunner:
         ok, yielded, tokens, decode_seconds = False, False, 0, 0.0
         try:
             if job.kind == "embedding":
-                self._embed(job, channel)
+                self._embed(job, channel, spans)
             elif job.kind == "count":
-                self._count(job, channel)
+                self._count(job, channel, spans)
             else:
-                tokens, decode_seconds = self._generate(job, channel)
+                tokens, decode_seconds = self._generate(job, channel, spans)
             ok = True
         except Yielded as exc:
             # Neither done nor failed: it runs again, here or elsewhere.
@@ -183,21 +187,23 @@ class JobRunner:
             logger.exception("job %s failed", job.id)
             self._fail(job, channel, ErrorCode.INTERNAL, f"generation failed: {exc}", None)
         finally:
+            spans.outcome = "yielded" if yielded else "done" if ok else "failed"
             if yielded:
                 self.stats.job_yielded()
             else:
                 self.stats.job_finished(ok, tokens, decode_seconds)
         return None
 
-    def _generate(self, job: Job, channel: Channel) -> tuple[int, float]:
+    def _generate(self, job: Job, channel: Channel, spans: JobSpans) -> tuple[int, float]:
         """Runs the generation; returns the tokens generated and the seconds spent decoding them."""
         engine = self._models.get(job.model)
+        spans.engine = engine.name
         started = time.monotonic()
         request, before = self._continuation(job, engine)
         progress = self.liveness.started(job.model)
         outputs = engine.generate(request)
         try:
-            g = self._decode(job, channel, engine, outputs, progress.tick, started, before)
+            g = self._decode(job, channel, engine, outputs, progress.tick, started, before, spans)
         finally:
             # On every way out (the end, an engine error, a cancel, a preemption, Redis failing under a
             # publish or a poll), before anything else can wait: the engine is free for the next job.
@@ -222,6 +228,8 @@ class JobRunner:
         prompt_tokens = first.prompt_tokens - before.tokens
         completion_tokens = before.tokens + last.completion_tokens
         decode = time.monotonic() - g.first_token_at if g.first_token_at is not None else 0.0
+        spans.prompt_tokens, spans.completion_tokens = prompt_tokens, completion_tokens
+        spans.finish_reason = reason
         self._finish(
             job,
             JobState.CANCELLED if reason == "cancelled" else JobState.DONE,
@@ -283,6 +291,7 @@ class JobRunner:
         tick: Callable[[], None],
         started: float,
         before: migration.Continued,
+        spans: JobSpans,
     ) -> _Generated:
         """The engine loop: every output becomes progress, a delta for a stream, and text for the record."""
         first_token_at: float | None = None
@@ -293,6 +302,7 @@ class JobRunner:
             worker=self.worker,
             prompt_tokens=first.prompt_tokens - before.tokens,
             continues=len(before.text),
+            claimed_at=spans.claimed_at,
         )
         # Not waited for: the first token's decode starts now, and the sender keeps the order.
         self._out.publish(channel, accepted, wait=False)
@@ -308,6 +318,7 @@ class JobRunner:
             if out.text:
                 if first_token_at is None:
                     first_token_at = time.monotonic()
+                    spans.first_token()
                     self.stats.first_token(first_token_at - started)
                     cached = max(first.cached_tokens, out.cached_tokens)
                     self.stats.prompt_evaluated(first.prompt_tokens, cached, first_token_at - started)
@@ -328,19 +339,24 @@ class JobRunner:
     def _publish_delta(
         self, channel: Channel, job: Job, text: str, logprobs: list[events.TokenLogprob] | None, tokens: int
     ) -> None:
-        delta = events.Delta(attempt=job.attempt, text=text, logprobs=logprobs)
+        delta = events.Delta(attempt=job.attempt, text=text, logprobs=logprobs, tokens=max(1, tokens))
         self._out.publish(channel, delta, droppable=True, tokens=tokens)
 
-    def _embed(self, job: Job, channel: Channel) -> None:
+    def _embed(self, job: Job, channel: Channel, spans: JobSpans) -> None:
         engine: Engine = self._models.get(job.model)
+        spans.engine = engine.name
         if not isinstance(engine, Embedder):
             raise UnsupportedRequest(f"The {engine.name} engine of `{job.model}` cannot embed.", "model")
         # No tokens are generated: nothing to add to the speed averages that routing reads.
         result = engine.embed(job.inputs)
-        self._out.publish(
-            channel,
-            events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=result.prompt_tokens),
+        spans.prompt_tokens = result.prompt_tokens
+        started = events.Started(
+            attempt=job.attempt,
+            worker=self.worker,
+            prompt_tokens=result.prompt_tokens,
+            claimed_at=spans.claimed_at,
         )
+        self._out.publish(channel, started)
         # In the record too: the API rebuilds a lost Finished event from it (pub/sub is at-most-once).
         self._finish(
             job,
@@ -361,8 +377,9 @@ class JobRunner:
             ),
         )
 
-    def _count(self, job: Job, channel: Channel) -> None:
+    def _count(self, job: Job, channel: Channel, spans: JobSpans) -> None:
         engine = self._models.get(job.model)
+        spans.engine = engine.name
         if isinstance(engine, TokenCounter):
             tokens = engine.count_tokens(to_generation_request(job))
         else:
@@ -373,9 +390,11 @@ class JobRunner:
                 tokens = next(outputs).prompt_tokens
             finally:
                 close_outputs(outputs)
-        self._out.publish(
-            channel, events.Started(attempt=job.attempt, worker=self.worker, prompt_tokens=tokens)
+        spans.prompt_tokens = tokens
+        started = events.Started(
+            attempt=job.attempt, worker=self.worker, prompt_tokens=tokens, claimed_at=spans.claimed_at
         )
+        self._out.publish(channel, started)
         self._finish(job, JobState.DONE, finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
         self._out.publish(
             channel,

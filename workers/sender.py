@@ -172,4 +172,5 @@ class Sender:
 def _joined(a: events.Delta, b: events.Delta) -> events.Delta:
     both = a.logprobs is not None or b.logprobs is not None
     logprobs = [*(a.logprobs or []), *(b.logprobs or [])] if both else None
-    return events.Delta(attempt=a.attempt, text=a.text + b.text, logprobs=logprobs)
+    tokens = a.tokens + b.tokens
+    return events.Delta(attempt=a.attempt, text=a.text + b.text, logprobs=logprobs, tokens=tokens)

@@ -43,7 +43,8 @@ FINISHED = events.Finished(attempt=1, finish_reason="length", prompt_tokens=2, c
 
 def test_deltas_ready_together_are_taken_as_one_up_to_the_next_other_event() -> None:
     got = taken(True, [STARTED, delta("a", [LOGPROB]), delta("b"), delta("c", [LOGPROB]), FINISHED])
-    assert got == [STARTED, delta("abc", [LOGPROB, LOGPROB]), FINISHED]
+    merged = events.Delta(attempt=1, text="abc", logprobs=[LOGPROB, LOGPROB], tokens=3)
+    assert got == [STARTED, merged, FINISHED]
 
 
 def test_a_run_that_must_not_merge_takes_every_delta_on_its_own() -> None:
