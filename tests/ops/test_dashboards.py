@@ -1,6 +1,6 @@
-"""The Grafana dashboard against what the API serves: every metric a panel or a dashboard variable queries is
-one the real app's /metrics declares (run against a real Redis), and the dashboard's structure is one Grafana
-provisions."""
+"""The Grafana dashboard and the KEDA example against what the API serves: every metric a panel, a dashboard
+variable or a scaling trigger queries is one the real app's /metrics declares (run against a real Redis),
+and the dashboard's structure is one Grafana provisions."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ GRAFANA = ROOT / "ops" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "inferq.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "inferq.yml"
+SCALEDOBJECT = ROOT / "ops" / "keda" / "scaledobject.yaml"
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _METRIC = re.compile(r"\binferq_[A-Za-z0-9_:]*")
@@ -76,6 +77,10 @@ def dashboard_exprs() -> list[str]:
     return exprs + [v["definition"] for v in variables if v["type"] == "query"]
 
 
+def scaledobject() -> dict[str, Any]:
+    return next(d for d in yaml.safe_load_all(SCALEDOBJECT.read_text()) if d["kind"] == "ScaledObject")
+
+
 @pytest.fixture(scope="module")
 def served(redis_server: RedisServer) -> Iterator[dict[str, str]]:
     redis.Redis.from_url(redis_server.url).flushdb()
@@ -91,6 +96,13 @@ def test_every_metric_the_dashboard_queries_is_served(served: dict[str, str]) ->
     # The panels read the worker counters, the API's histograms and error counter, and the scaling gauges.
     assert {"inferq_request_ttft_seconds_bucket", "inferq_request_errors_total"} <= names
     assert {"inferq_model_queue_depth", "inferq_token_backlog_seconds", "inferq_worker_tokens_total"} <= names
+    assert missing(names, served) == []
+
+
+def test_every_metric_the_keda_triggers_query_is_served(served: dict[str, str]) -> None:
+    triggers = scaledobject()["spec"]["triggers"]
+    names = set().union(*(metric_names(t["metadata"]["query"]) for t in triggers))
+    assert {"inferq_model_queue_depth", "inferq_model_in_flight", "inferq_token_backlog_seconds"} <= names
     assert missing(names, served) == []
 
 
@@ -144,3 +156,17 @@ def test_the_provider_reads_the_folder_the_compose_file_mounts() -> None:
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
     source = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+
+
+def test_the_scaledobject_scales_the_deployment_it_names() -> None:
+    docs = list(yaml.safe_load_all(SCALEDOBJECT.read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    spec = scaledobject()["spec"]
+    assert scaledobject()["apiVersion"] == "keda.sh/v1alpha1"
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # Scaled to zero, nothing would wake it: a request with no live worker is refused, not queued.
+    assert spec["minReplicaCount"] >= 1
+    for t in spec["triggers"]:
+        assert t["type"] == "prometheus" and t["metricType"] in ("AverageValue", "Value")
+        assert float(t["metadata"]["threshold"]) > 0
+        assert t["metadata"]["serverAddress"].startswith("http")
