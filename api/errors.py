@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api.metrics import REQUEST_ERRORS
 from api.protocol.messages import ErrorResponse
 from queueing.events import ErrorCode
 
@@ -192,7 +193,19 @@ def envelope(path: str, err: ApiError, request_id: str | None = None) -> tuple[i
     return err.status, err.body()
 
 
+def counted(err: ApiError) -> ApiError:
+    """``err``, counted as answered (inferq_request_errors_total): by its code, or its type when it has none
+    (a route not found, an internal failure), and by its status in inferq's terms (an Anthropic request may be
+    answered another; an error in a stream came after a 200). Each error counts once, where it takes its wire
+    shape: ``respond`` (an error response), the SSE layer (an error event), a Responses stream's events
+    (api/adapters/responses_stream.py, also in WebSocket mode and in the background) and the WebSocket mode's
+    error message."""
+    REQUEST_ERRORS.labels(err.code or err.type, str(err.status)).inc()
+    return err
+
+
 def respond(path: str, err: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    counted(err)
     request_id = anthropic_request_id() if is_anthropic(path) else None
     status, body = envelope(path, err, request_id)
     if request_id is not None:

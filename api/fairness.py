@@ -150,3 +150,8 @@ class FairShare:
 
 def _member(account: str, tokens: int, priority: Priority, request: str) -> str:
     return f"{account}\t{tokens}\t{priority}\t{request}"
+
+
+def held_tokens(member: str) -> int:
+    """The tokens a held member (``_member``) holds (counted from the right, past the job id and class)."""
+    return int(member.rsplit("\t", 3)[1])

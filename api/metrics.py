@@ -1,5 +1,6 @@
 """Prometheus metrics: the API's own request counters and latencies, plus the fleet read from Redis at scrape
-time (per worker: in flight, jobs, tokens, speed; per queue: depth; per model and worker: loaded state).
+time (per worker: in flight, jobs, tokens, speed; per queue: depth; per model and worker: loaded state; per
+model: the scaling signals of api/scaling.py).
 
 The fleet part is computed on each scrape rather than kept in this process, so every API process reports the
 same fleet and a scrape of any one of them is enough.
@@ -13,6 +14,7 @@ import redis.asyncio as aredis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import scaling
 from queueing import keys, registry
 from queueing.bands import BANDS
 from queueing.catalog import Catalog
@@ -122,6 +124,20 @@ _FLEET_HELP = {
     "inferq_model_loaded": ("gauge", "1 per model on a worker, by state (loading, ready, unloading)."),
     "inferq_queue_depth": ("gauge", "Messages waiting in a queue, by class (high, interactive, low, batch)."),
     "inferq_batches_active": ("gauge", "Batches not finished yet (validating to finalizing, or cancelling)."),
+    # Per model, what an autoscaler sizes its workers by (api/scaling.py says how each is counted).
+    "inferq_model_in_flight": ("gauge", "Jobs of the model that workers are running."),
+    "inferq_model_queue_depth": (
+        "gauge",
+        "Jobs of the model waiting for a worker: its shared queue, every class, and workers' own queues.",
+    ),
+    "inferq_token_backlog": (
+        "gauge",
+        "Tokens the model's interactive, high and low requests in flight may use (prompt + max_tokens).",
+    ),
+    "inferq_token_backlog_seconds": (
+        "gauge",
+        "That backlog at the model's measured decode rate, every slot busy (absent while none is measured).",
+    ),
 }
 
 
@@ -165,6 +181,14 @@ async def fleet_text(client: aredis.Redis, catalog: Catalog) -> str:
         depths = lengths[i * steps : (i + 1) * steps]
         for priority, band in BANDS.items():
             add("inferq_queue_depth", {"queue": q, "priority": priority}, sum(depths[s] for s in band))
+    shared = {m: sum(lengths[i * steps : (i + 1) * steps]) for i, m in enumerate(catalog.models)}
+    signals = await scaling.model_signals(client, catalog.models, workers, shared)
+    for model, signal in sorted(signals.items()):
+        lab = {"model": model}
+        add("inferq_model_in_flight", lab, signal.in_flight)
+        add("inferq_model_queue_depth", lab, signal.queue_depth)
+        add("inferq_token_backlog", lab, signal.backlog_tokens)
+        add("inferq_token_backlog_seconds", lab, signal.backlog_seconds)
     add("inferq_batches_active", {}, await client.scard(keys.BATCHES_ACTIVE))
     out = []
     for name, (kind, text) in _FLEET_HELP.items():

@@ -253,5 +253,5 @@ async def events_of(
                 for e in writer.piece(p):
                     yield e
     except errors.ApiError as exc:
-        for e in writer.failed(exc):
+        for e in writer.failed(errors.counted(exc)):
             yield e

@@ -151,7 +151,7 @@ class BackgroundResponses:
         try:
             stream = await core.start_stream(self.dispatcher, prepared.work, None, DRIVE)
         except errors.ApiError as exc:
-            for e in writer.failed(exc):
+            for e in writer.failed(errors.counted(exc)):
                 await self._log(prepared.id, e)
         else:
             try:
@@ -185,7 +185,7 @@ class BackgroundResponses:
             for p in pieces:
                 out += writer.piece(p)
         except errors.ApiError as exc:
-            out = writer.failed(exc)
+            out = writer.failed(errors.counted(exc))
         for e in out:
             await self._log(response_id, e)
         if writer.final is not None:

@@ -160,6 +160,7 @@ async def list_input_items(
 
 
 def _ws_error(exc: errors.ApiError) -> str:
+    errors.counted(exc)
     body = WebSocketErrorBody(type=exc.type, code=exc.code or exc.type, message=exc.message, param=exc.param)
     return WebSocketErrorEvent(status=exc.status, error=body).model_dump_json()
 

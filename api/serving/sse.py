@@ -58,11 +58,11 @@ async def _framed(
         async for frame in frames:
             yield frame.sse()
     except errors.ApiError as exc:
-        for frame in framing.error(exc):
+        for frame in framing.error(errors.counted(exc)):
             yield frame.sse()
     except (redis.RedisError, StreamOverflow) as exc:
         logger.error("stream ended early: %r", exc)
-        for frame in framing.error(errors.redis_unavailable()):
+        for frame in framing.error(errors.counted(errors.redis_unavailable())):
             yield frame.sse()
     finally:
         await close()

@@ -183,6 +183,10 @@ def test_metrics_show_requests_workers_and_queues(fleet: Fleet) -> None:
     assert 'inferq_queue_depth{queue="inferq.model.scripted",priority="interactive"} 0' in text
     assert 'inferq_queue_depth{queue="inferq.model.scripted",priority="batch"} 0' in text
     assert 'inferq_model_loaded{worker="r1",model="scripted",state="ready"} 1' in text
+    # The scaling signals: nothing left running or waiting, and the workers measured (a rate, so seconds).
+    assert 'inferq_model_in_flight{model="scripted"} 0' in text
+    assert 'inferq_model_queue_depth{model="scripted"} 0' in text
+    assert 'inferq_token_backlog_seconds{model="scripted"} 0.0' in text
 
 
 def test_unknown_routing_header_is_400(fleet: Fleet) -> None:
