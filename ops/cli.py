@@ -77,7 +77,7 @@ def api(host: str | None, port: int | None, workers: int | None) -> None:
         host=host or s.host,
         port=port or s.port,
         log_level=s.log_level.lower(),
-        access_log=False,
+        access_log=False,  # inferq.access writes each line, with more in it (api/access_log.py)
         workers=workers or s.api_workers,
     )
 
