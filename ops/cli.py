@@ -11,7 +11,7 @@ import click
 
 from ops.batch_cli import batch
 from ops.keys_cli import keys, usage
-from queueing.settings import get_settings
+from queueing.settings import Settings, get_settings
 
 
 def _logging() -> None:
@@ -121,6 +121,7 @@ def worker(
     os.environ.setdefault("INFERQ_WORKER_NAME", f"{socket.gethostname()}-{os.getpid()}")
     get_settings.cache_clear()
     s = get_settings()
+    _engine_venv(s)
     # Become exactly the plain `celery -A workers.app worker` a user may run: one start-up path, and the
     # exit code of a worker that could not start reaches the caller (app.worker_main drops it).
     args = [
@@ -139,6 +140,20 @@ def worker(
         "--without-gossip",
     ]
     os.execv(sys.executable, [sys.executable, *args])
+
+
+def _engine_venv(settings: Settings) -> None:
+    """Continue in the chosen engine's own venv (.venv-vllm, .venv-mlx) when it is not installed here, or stop
+    with the command that installs it (ops/engine_env.py)."""
+    from ops.engine_env import EngineMissing, continue_in, engine_python
+    from queueing.catalog import get_catalog
+
+    try:
+        found = engine_python(settings, get_catalog(), sys.argv[1:])
+    except EngineMissing as exc:
+        raise click.ClickException(str(exc)) from exc
+    if found is not None:
+        continue_in(*found)
 
 
 @main.command()

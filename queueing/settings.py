@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     worker_engine: str | None = Field(
         None, description="Force an engine (llamacpp); else the catalog decides."
     )
+    engine_venvs: Path | None = Field(
+        None,
+        description="Folder with the engine venvs (.venv-vllm, .venv-mlx) in which `inferq worker --engine "
+        "vllm|mlx` continues when the engine is not installed where it was started; default: the checkout's "
+        "root, where `make engines` puts them.",
+    )
     worker_name: str | None = Field(
         None, description="Registry name of the worker; default: Celery's nodename."
     )
