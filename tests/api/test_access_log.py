@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -100,27 +101,36 @@ def test_off_logs_nothing_yet_keeps_the_id(
 
 
 def test_through_inferq_api_with_a_worker(tmp_path: Path) -> None:
-    """The line names the worker; a stream's line is written when it ended (its duration covers the
-    tokens); uvicorn's own access log does not repeat it."""
-    with one_slot_scripted_fleet(tmp_path, "acc-w1", tokens_per_second=40) as f:
-        body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-        done = httpx.post(f"{f.base_url}/v1/chat/completions", json=body, timeout=30)
-        assert done.status_code == 200 and done.headers["x-inferq-worker"] == "acc-w1"
+    """The line names the worker, also for a stream that waited in the queue (whose own response start the
+    queue-position layer dropped); a stream's line is written when it ended; uvicorn's own access log does
+    not repeat it."""
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    with (
+        one_slot_scripted_fleet(tmp_path, "acc-w1", tokens_per_second=40) as f,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        # 100 tokens at 40 a second hold the one slot for 2.5 s: the stream waits behind them.
+        first = pool.submit(
+            httpx.post, f"{f.base_url}/v1/chat/completions", json={**body, "max_tokens": 100}, timeout=30
+        )
+        time.sleep(0.5)
         with httpx.stream(
             "POST", f"{f.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=30
         ) as stream:
             assert stream.status_code == 200
             sid = stream.headers["x-request-id"]
-            assert sid not in f.log("api")  # not before its end
-            assert "data: [DONE]" in list(stream.iter_lines())
+            lines = list(stream.iter_lines())
+            assert any(line.startswith(": queue") for line in lines) and "data: [DONE]" in lines
+        done = first.result()
+        assert done.status_code == 200 and done.headers["x-inferq-worker"] == "acc-w1"
         deadline = time.monotonic() + 10
         while sid not in f.log("api") and time.monotonic() < deadline:
             time.sleep(0.05)
-    lines = [line for line in f.log("api").splitlines() if '"POST /v1/chat/completions HTTP/1.1"' in line]
-    assert len(lines) == 2, lines
-    assert all(f" {ACCESS}: 127.0.0.1:" in line for line in lines)
-    for line, rid in zip(lines, [done.headers["x-request-id"], sid], strict=True):
-        assert f" 200 OK id={rid} model=scripted " in line and line.endswith(" worker=acc-w1")
-        # 20 tokens at 40 a second: half a second at least, also for the stream, logged when it ended.
+    logged = [line for line in f.log("api").splitlines() if '"POST /v1/chat/completions HTTP/1.1"' in line]
+    assert len(logged) == 2, logged
+    assert all(f" {ACCESS}: 127.0.0.1:" in line for line in logged)
+    # The first ended first; the stream, logged when it ended, waited about 2 s for it, then took 0.5 s.
+    for line, rid, least in zip(logged, [done.headers["x-request-id"], sid], [2.5, 2.0], strict=True):
+        assert f" 200 OK id={rid} model=scripted " in line and line.endswith(" worker=acc-w1"), line
         seconds = float(re.findall(r"duration=(\d+\.\d+)s", line)[0])
-        assert 0.5 <= seconds < 30, line
+        assert least <= seconds < 30, line
