@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import click
 
@@ -13,11 +15,28 @@ from ops.batch_cli import batch
 from ops.keys_cli import keys, usage
 from queueing.settings import Settings, get_settings
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=get_settings().log_level.upper(), format=LOG_FORMAT)
+
+
+def _uvicorn_logging(level: str) -> dict[str, Any]:
+    """uvicorn's logging config plus inferq's own handler: uvicorn applies it in every API process it starts
+    (``--workers``), which ``_logging()`` of the parent does not reach; without it their inferq lines, the
+    access log's among them, went nowhere."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["inferq"] = {"format": LOG_FORMAT}
+    config["handlers"]["inferq"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "inferq",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["inferq"], "level": level}
+    return config
 
 
 @click.group()
@@ -77,6 +96,7 @@ def api(host: str | None, port: int | None, workers: int | None) -> None:
         host=host or s.host,
         port=port or s.port,
         log_level=s.log_level.lower(),
+        log_config=_uvicorn_logging(s.log_level.upper()),
         access_log=False,  # inferq.access writes each line, with more in it (api/access_log.py)
         workers=workers or s.api_workers,
     )

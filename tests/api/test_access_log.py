@@ -18,7 +18,7 @@ from api.app import create_app
 from ops.redis_server import RedisServer
 from queueing.catalog import DEFAULT_CATALOG, Catalog
 from queueing.settings import Settings
-from tests.fleet import one_slot_scripted_fleet
+from tests.fleet import Fleet, one_slot_scripted_fleet
 
 CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
 ACCESS = "inferq.access"
@@ -134,3 +134,21 @@ def test_through_inferq_api_with_a_worker(tmp_path: Path) -> None:
         assert f" 200 OK id={rid} model=scripted " in line and line.endswith(" worker=acc-w1"), line
         seconds = float(re.findall(r"duration=(\d+\.\d+)s", line)[0])
         assert least <= seconds < 30, line
+
+
+def test_api_processes_that_uvicorn_started_log_too(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`inferq api --workers 2`: uvicorn's processes get inferq's log handler (ops/cli.py); before, none of
+    their inferq lines were written anywhere."""
+    f = Fleet(redis_server.url, tmp_path)
+    try:
+        f.start_api("--workers", "2")
+        for i in range(6):
+            httpx.get(f"{f.base_url}/v1/models", headers={"x-request-id": f"many-{i}"})
+        deadline = time.monotonic() + 10
+        while not all(f"id=many-{i} " in f.log("api") for i in range(6)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(f" {ACCESS}: " in line for line in f.log("api").splitlines() if "id=many-" in line)
+        assert sum("id=many-" in line for line in f.log("api").splitlines()) == 6
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", f.log("api")))) == 2
+    finally:
+        f.close()
