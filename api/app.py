@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from starlette.requests import HTTPConnection
 
 from api import auth, errors
+from api.access_log import AccessLogMiddleware
 from api.admission import RETRY_COUNT_HEADER, parse_retry_count, requested_retry
 from api.auth import key_of, owner_of
 from api.batches.driver import BatchDriver
@@ -185,7 +186,9 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     app.add_middleware(auth.AuthMiddleware, keys=auth.Keys.from_settings(settings))
     # Outermost, so that it also counts what the key check turned away.
     app.add_middleware(MetricsMiddleware)
-    # Off unless OTEL_* variables ask for it (queueing/tracing.py); around everything, the metrics included.
+    # Around the rest: every request gets its id (x-request-id) and, when on, its access log line.
+    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log)
+    # Off unless OTEL_* variables ask for it (queueing/tracing.py); outermost, around the access log too.
     if tracing.setup("inferq-api"):
         app.add_middleware(TracingMiddleware)
     return app

@@ -7,7 +7,7 @@ from typing import Annotated, cast
 import redis.asyncio as aredis
 from fastapi import Depends, Request
 
-from api import errors
+from api import access_log, errors
 from api.auth import key_of, owner_of
 from api.files import Files
 from api.jobs import Dispatcher
@@ -45,6 +45,7 @@ FilesDep = Annotated[Files, Depends(_files)]
 
 def model_spec(catalog: Catalog, model: str) -> ModelSpec:
     """The catalog entry of a requested model, or the OpenAI 404 every route answers for an unknown one."""
+    access_log.note_model(model)
     spec = catalog.get(model)
     key = requested_key.get()
     if spec is None or (key is not None and key.models is not None and model not in key.models):

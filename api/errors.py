@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api import access_log
 from api.metrics import REQUEST_ERRORS
 from api.protocol.messages import ErrorResponse
 from queueing.events import ErrorCode
@@ -177,7 +178,8 @@ def is_anthropic(path: str) -> bool:
 
 
 def anthropic_request_id() -> str:
-    return f"req_{uuid.uuid4().hex[:24]}"
+    # The request's own id (api/access_log.py): its body, both headers and its access log line agree.
+    return access_log.request_id() or f"req_{uuid.uuid4().hex[:24]}"
 
 
 def anthropic_body(err: ApiError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:

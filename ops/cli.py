@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import click
 
 from ops.batch_cli import batch
 from ops.keys_cli import keys, usage
-from queueing.settings import get_settings
+from queueing.settings import Settings, get_settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=get_settings().log_level.upper(), format=LOG_FORMAT)
+
+
+def _uvicorn_logging(level: str) -> dict[str, Any]:
+    """uvicorn's logging config plus inferq's own handler: uvicorn applies it in every API process it starts
+    (``--workers``), which ``_logging()`` of the parent does not reach; without it their inferq lines, the
+    access log's among them, went nowhere."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["inferq"] = {"format": LOG_FORMAT}
+    config["handlers"]["inferq"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "inferq",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["inferq"], "level": level}
+    return config
 
 
 @click.group()
@@ -77,7 +96,8 @@ def api(host: str | None, port: int | None, workers: int | None) -> None:
         host=host or s.host,
         port=port or s.port,
         log_level=s.log_level.lower(),
-        access_log=False,
+        log_config=_uvicorn_logging(s.log_level.upper()),
+        access_log=False,  # inferq.access writes each line, with more in it (api/access_log.py)
         workers=workers or s.api_workers,
     )
 
@@ -121,6 +141,7 @@ def worker(
     os.environ.setdefault("INFERQ_WORKER_NAME", f"{socket.gethostname()}-{os.getpid()}")
     get_settings.cache_clear()
     s = get_settings()
+    _engine_venv(s)
     # Become exactly the plain `celery -A workers.app worker` a user may run: one start-up path, and the
     # exit code of a worker that could not start reaches the caller (app.worker_main drops it).
     args = [
@@ -139,6 +160,20 @@ def worker(
         "--without-gossip",
     ]
     os.execv(sys.executable, [sys.executable, *args])
+
+
+def _engine_venv(settings: Settings) -> None:
+    """Continue in the chosen engine's own venv (.venv-vllm, .venv-mlx) when it is not installed here, or stop
+    with the command that installs it (ops/engine_env.py)."""
+    from ops.engine_env import EngineMissing, continue_in, engine_python
+    from queueing.catalog import get_catalog
+
+    try:
+        found = engine_python(settings, get_catalog(), sys.argv[1:])
+    except EngineMissing as exc:
+        raise click.ClickException(str(exc)) from exc
+    if found is not None:
+        continue_in(*found)
 
 
 @main.command()

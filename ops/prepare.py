@@ -38,7 +38,7 @@ def converter_python(engine: str) -> str:
             return python
     raise PrepareError(
         f"converting needs {', '.join(CONVERTER_MODULES)}: run this under an engine venv "
-        f"(`make .venv-{engine}`) or pass --python"
+        f"(`make engine-{engine}`) or pass --python"
     )
 
 

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     api_workers: int = Field(1, ge=1, description="API processes sharing the port (uvicorn's workers).")
     models_file: Path | None = Field(None, description="YAML model catalog; the built-in one when unset.")
     log_level: str = Field("INFO", description="Logging level of every inferq process.")
+    access_log: bool = Field(
+        True,
+        description="One line per API request on the `inferq.access` logger (uvicorn's format plus request "
+        "id, model, duration and workers; api/access_log.py). uvicorn's own access log is always off.",
+    )
 
     # API keys (api/auth.py). Unset: the API is open.
     api_keys: str | None = Field(
@@ -151,6 +156,12 @@ class Settings(BaseSettings):
     worker_models: str = Field("smollm2-135m", description="Comma-separated catalog models a worker loads.")
     worker_engine: str | None = Field(
         None, description="Force an engine (llamacpp); else the catalog decides."
+    )
+    engine_venvs: Path | None = Field(
+        None,
+        description="Folder with the engine venvs (.venv-vllm, .venv-mlx) in which `inferq worker --engine "
+        "vllm|mlx` continues when the engine is not installed where it was started; default: the checkout's "
+        "root, where `make engines` puts them.",
     )
     worker_name: str | None = Field(
         None, description="Registry name of the worker; default: Celery's nodename."

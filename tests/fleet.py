@@ -80,9 +80,10 @@ class Fleet:
                 stderr=out,
             )
 
-    def start_api(self) -> None:
+    def start_api(self, *args: str) -> None:
+        """``args``: more ``inferq api`` options, such as ``--workers 2``."""
         self.port = free_port()
-        self.api = self._spawn(["api", "--port", str(self.port)], "api.log")
+        self.api = self._spawn(["api", "--port", str(self.port), *args], "api.log")
         self._until(
             lambda: httpx.get(f"{self.base_url}/v1/system/health").status_code in (200, 503), "api up"
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api import errors
+from api import access_log, errors
 from api.jobrun import JobRun
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
 from api.serving import fanout, structured
@@ -53,7 +53,11 @@ def usage(finished: Sequence[events.Finished], prompts: int = 1) -> TokenUsage:
 
 def workers_header(runs: Sequence[JobRun]) -> dict[str, str]:
     # run.worker, not the first Started: a re-queued job finishes on another worker.
-    return {WORKER_HEADER: ",".join(dict.fromkeys(run.worker or "" for run in runs))}
+    workers = ",".join(dict.fromkeys(run.worker or "" for run in runs))
+    # Noted for the access log too: a queued stream's own response start (and so this header) never passes
+    # the outer middleware (api/queue_position.py).
+    access_log.note_workers(workers)
+    return {WORKER_HEADER: workers}
 
 
 @dataclass(frozen=True)
