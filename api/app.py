@@ -62,6 +62,7 @@ from api.tracing import TracingMiddleware
 from queueing import tracing
 from queueing.catalog import Catalog, get_catalog
 from queueing.celery_app import create_celery
+from queueing.sentinel import close_sentinels, pool_kwargs
 from queueing.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ def api_redis(settings: Settings, breaker: RedisBreaker | None = None) -> tuple[
     Redis restart closed raises: the next connection reconnects. A blocking pool: under a burst a request
     waits for a connection (bounded) instead of failing with "Too many connections"; afterwards it closes
     what the burst opened (api/redis_pool.py)."""
-    pool = ShrinkingPool.from_url(
-        settings.redis_url,
+    pool = ShrinkingPool(
+        # A plain URL, or a sentinel one whose connections find the master (queueing/sentinel.py).
+        **pool_kwargs(settings.redis_url, asyncio=True, sentinel_timeout=settings.api_redis_timeout),
         max_connections=settings.api_redis_max_connections,
         wait=settings.api_redis_pool_timeout,
         socket_timeout=None,
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
             await hub.close()
             await breaker.close()
             await client.aclose()
+            await close_sentinels(pool.connection_kwargs)
             celery.close()
             tracing.flush()
 

@@ -18,7 +18,8 @@ import hiredis
 import redis
 from redis.connection import SSLConnection, parse_url
 
-from queueing import keys
+from queueing import keys, sentinel
+from queueing.sentinel import master_address
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,14 @@ class StreamHub:
         keepalive: float = 1.0,
         dead_after: float = 5.0,
     ) -> None:
-        self._options: dict[str, Any] = parse_url(redis_url)  # type: ignore[no-untyped-call]
+        # A sentinel URL: the master's address is asked for at each (re)connect (queueing/sentinel.py).
+        self._master = master_address(redis_url, timeout)
+        config = sentinel.parse(redis_url)
+        self._options: dict[str, Any] = (
+            parse_url(redis_url)  # type: ignore[no-untyped-call]
+            if config is None
+            else {"password": config.password, "username": config.username}
+        )
         self._queue_size = queue_size
         self._reconnect_delay = reconnect_delay
         # Connecting may take this long (Redis may be frozen: the kernel still accepts the connection).
@@ -112,6 +120,8 @@ class StreamHub:
                 await self._keeper
         if self._transport is not None:
             self._transport.close()
+        if self._master is not None:
+            await self._master.aclose()
 
     @contextlib.asynccontextmanager
     async def subscribe(self, request_id: str, confirm_within: float = 5.0) -> AsyncIterator[Subscription]:
@@ -144,7 +154,10 @@ class StreamHub:
         opts = self._options
         protocol = _PubSubProtocol(self)
         async with asyncio.timeout(self._timeout):
-            if "path" in opts:
+            if self._master is not None:
+                host, port = await self._master()
+                transport, _ = await loop.create_connection(lambda: protocol, host, port)
+            elif "path" in opts:
                 transport, _ = await loop.create_unix_connection(lambda: protocol, opts["path"])
             else:
                 tls = ssl.create_default_context() if opts.get("connection_class") is SSLConnection else None
@@ -171,7 +184,7 @@ class StreamHub:
                 try:
                     protocol = await self._connect()
                     break
-                except (OSError, TimeoutError) as exc:
+                except (OSError, TimeoutError, redis.RedisError) as exc:
                     logger.warning("pub/sub reconnect failed: %r", exc)
 
     async def _until_lost(self, protocol: _PubSubProtocol) -> None:

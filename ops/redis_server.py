@@ -103,8 +103,15 @@ class RedisServer:
     terminal reaches only the owner, which stops Redis after the processes that use it."""
 
     def __init__(
-        self, port: int | None = None, password: str | None = None, own_session: bool = False
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        own_session: bool = False,
+        args: tuple[str, ...] = (),
+        extra_config: str = "",
     ) -> None:
+        """``args``: more redis-server options (a replica's ``--replicaof``, a sentinel's ``--sentinel``);
+        ``extra_config``: more lines of its config file (a sentinel's ``sentinel monitor ...``)."""
         binary = find_redis_server()
         if binary is None:
             raise FileNotFoundError("redis-server not found: `make install` installs one")
@@ -118,6 +125,7 @@ class RedisServer:
         with os.fdopen(fd, "w") as f:
             if password is not None:
                 f.write(f"requirepass {_config_string(password)}\n")
+            f.write(extra_config)
         self._proc = subprocess.Popen(
             [
                 binary,
@@ -134,6 +142,7 @@ class RedisServer:
                 self._dir.name,
                 "--logfile",
                 str(Path(self._dir.name) / "redis.log"),
+                *args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -141,6 +150,16 @@ class RedisServer:
             preexec_fn=_die_with_owner if own_session and sys.platform == "linux" else None,
         )
         self._wait_ready()
+
+    @property
+    def config_file(self) -> Path:
+        """The server's config file, in its private folder (a sentinel writes its state there)."""
+        return Path(self._dir.name) / "redis.conf"
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, as a crashed machine's Redis is (``stop`` is a clean shutdown)."""
+        self._proc.kill()
+        self._proc.wait()
 
     @property
     def url(self) -> str:

@@ -68,11 +68,12 @@ class Flower:
     port: int
 
 
-def flower_child(settings: Settings, env: dict[str, str], flower: Flower) -> tuple[Child, str]:
+def flower_child(settings: Settings, flower: Flower) -> tuple[Child, str]:
     """Flower's child and the line that says where it is (and, when generated here, its login)."""
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
-    # Broker URL and login through the environment (Celery reads CELERY_BROKER_URL, Flower FLOWER_*).
-    own = {"CELERY_BROKER_URL": env["INFERQ_REDIS_URL"]}
+    # The broker is the fleet's (INFERQ_REDIS_URL, a sentinel one included: ops/flower_app.py); the login
+    # goes through the environment (Flower reads FLOWER_*).
+    own: dict[str, str] = {}
     where = f"flower: {_http(flower.host, flower.port)}"
     login = settings.flower_basic_auth or None
     if login is None and not is_loopback(flower.host):
@@ -83,7 +84,7 @@ def flower_child(settings: Settings, env: dict[str, str], flower: Flower) -> tup
         where += " (basic auth: INFERQ_FLOWER_BASIC_AUTH)"
     if login is not None:
         own["FLOWER_BASIC_AUTH"] = login
-    args = [celery, "flower", f"--address={flower.host}", f"--port={flower.port}"]
+    args = [celery, "-A", "ops.flower_app", "flower", f"--address={flower.host}", f"--port={flower.port}"]
     return Child("flower", args, restart=False, env=own), where
 
 
@@ -137,7 +138,7 @@ def run_stack(settings: Settings, port: int, host: str, flower: Flower | None) -
         children = _children(settings, port, host)
         lines = []
         if flower is not None:
-            child, line = flower_child(settings, env, flower)
+            child, line = flower_child(settings, flower)
             children.append(child)
             lines.append(line)
         lines.append(f"inferq is up: {_http(host, port)}/v1 (Ctrl-C stops everything)")

@@ -9,11 +9,14 @@ from queueing import keys
 from queueing.bands import message_priority
 from queueing.catalog import Catalog
 from queueing.jobs import Job
+from queueing.sentinel import celery_broker
 from queueing.settings import Settings
 
 
 def create_celery(settings: Settings, catalog: Catalog) -> Celery:
-    app = Celery("inferq", broker=settings.redis_url, set_as_current=False)
+    # A sentinel URL becomes kombu's sentinel transport, which finds the master after a failover.
+    broker, sentinel_options = celery_broker(settings.redis_url)
+    app = Celery("inferq", broker=broker, set_as_current=False)
     app.conf.update(
         # A job is acknowledged only when it finished, and a worker holds one message per free slot, so a
         # dead worker strands at most the jobs it was running (which the reaper re-queues).
@@ -31,6 +34,7 @@ def create_celery(settings: Settings, catalog: Catalog) -> Celery:
             "health_check_interval": 10,
             # Ten places in line per queue instead of kombu's four (queueing/bands.py).
             "priority_steps": list(keys.KOMBU_PRIORITY_STEPS),
+            **sentinel_options,
         },
         # A worker keeps trying to reach Redis however long it is away (Celery's default gives up after
         # 100 tries and the worker exits), and a job running through an outage goes on: its result is

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from queueing import tracing
+from queueing import sentinel, tracing
 from queueing.catalog import get_catalog
 from queueing.celery_app import create_celery, worker_queue
 from queueing.settings import get_settings
@@ -27,6 +27,8 @@ app.conf.worker_concurrency = runtime.concurrency(get_settings(), get_catalog())
 if get_settings().redis_url.startswith("redis://"):
     # The same Redis transport, minus a crash on a lost connection (workers/broker.py).
     app.conf.broker_transport = "workers.broker:Transport"
+elif sentinel.parse(get_settings().redis_url) is not None:
+    app.conf.broker_transport = "workers.broker:SentinelTransport"
 app.conf.worker_consumer = "workers.broker:Consumer"
 
 

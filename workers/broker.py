@@ -19,15 +19,32 @@ from celery.worker import consumer as celery_consumer
 from kombu.transport import redis as kombu_redis
 
 
-class Channel(kombu_redis.Channel):
+class _LostConnection:
+    """A connection error, not an AttributeError, for a channel whose connection was let go."""
+
+    connection: Any
+
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:
             raise redis.ConnectionError("the broker connection was closed")
-        return super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        return super()._connparams(asynchronous)  # type: ignore[misc]
+
+
+class Channel(_LostConnection, kombu_redis.Channel):
+    pass
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(_LostConnection, kombu_redis.SentinelChannel):
+    """kombu's sentinel channel with the same fix: a failover closes the broker connection just as a
+    restart does."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
 
 
 class Consumer(celery_consumer.Consumer):  # type: ignore[misc]

@@ -23,6 +23,7 @@ from queueing.catalog import Catalog
 from queueing.celery_app import enqueue
 from queueing.jobstore import JobStore
 from queueing.registry import LoadFailure, ModelState, PromptCacheInfo, WorkerInfo
+from queueing.sentinel import pool_kwargs
 from queueing.settings import Settings
 from workers.heartbeat import Heartbeat
 from workers.liveness import Liveness
@@ -187,8 +188,9 @@ def worker_redis(settings: Settings, slots: int) -> redis.Redis:
     timeouts and quick retries: a Redis that restarts costs a moment, a frozen one a bounded wait, never a
     thread stuck."""
     timeout = settings.worker_redis_timeout
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url,
+    pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+        # A plain URL, or a sentinel one whose connections find the master (queueing/sentinel.py).
+        **pool_kwargs(settings.redis_url, sentinel_timeout=timeout),
         max_connections=slots + 3,
         timeout=timeout,
         socket_timeout=timeout,

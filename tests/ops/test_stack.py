@@ -39,11 +39,12 @@ def test_loopback() -> None:
 
 
 def _flower(host: str, **settings: str) -> tuple[list[str], dict[str, str], str]:
-    child, line = flower_child(Settings(**settings), {"INFERQ_REDIS_URL": URL}, Flower(host, 5599))  # type: ignore[arg-type]
+    child, line = flower_child(Settings(redis_url=URL, **settings), Flower(host, 5599))  # type: ignore[arg-type]
     # No secret on the command line, which every local user can read in `ps`.
     assert "s3cret" not in " ".join(child.args)
     assert f"--address={host}" in child.args and "--port=5599" in child.args
-    assert child.env["CELERY_BROKER_URL"] == URL
+    # The fleet's own Celery app, whose broker settings follow a sentinel failover (ops/flower_app.py).
+    assert child.args[1:3] == ["-A", "ops.flower_app"] and "CELERY_BROKER_URL" not in child.env
     return child.args, child.env, line
 
 
