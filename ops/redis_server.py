@@ -55,11 +55,13 @@ def free_port() -> int:
 PASSWORD_FILE = Path("~/.local/share/inferq/redis.password")
 
 _URL_PASSWORD = re.compile(r"(?<=://)([^/@]*?):[^/@]*@")
+# A sentinel URL's password for the sentinels themselves (queueing/sentinel.py).
+_SENTINEL_PASSWORD = re.compile(r"(?<=[?&]sentinel_password=)[^&]*")
 
 
 def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs."""
-    return _URL_PASSWORD.sub(r"\1:***@", url)
+    """``url`` with its passwords replaced by ``***``, for logs."""
+    return _SENTINEL_PASSWORD.sub("***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
 def stored_password(path: Path = PASSWORD_FILE) -> str:

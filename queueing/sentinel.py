@@ -69,15 +69,6 @@ def parse(url: str) -> SentinelConfig | None:
     )
 
 
-def masked(url: str) -> str:
-    """``url`` with its passwords hidden, for logs."""
-    config = parse(url)
-    if config is None or (config.password is None and config.sentinel_password is None):
-        return url
-    hosts = ",".join(f"{h}:{p}" for h, p in config.sentinels)
-    return f"{SCHEME}://:***@{hosts}/{config.service}/{config.db}"
-
-
 def _sentinel_kwargs(config: SentinelConfig, timeout: float) -> dict[str, Any]:
     # A sentinel that is down or frozen must not hold up the lookup: the next one is asked.
     kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}

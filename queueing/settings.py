@@ -12,7 +12,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for queues, registry and streams.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis for queues, registry and streams: redis://, rediss://, unix://, or through "
+        "Sentinel: redis+sentinel://[:password@]host:26379,host2:26379/<master name>[/db]"
+        "[?sentinel_password=...] (queueing/sentinel.py).",
+    )
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, description="Port the API listens on.")
     api_workers: int = Field(1, ge=1, description="API processes sharing the port (uvicorn's workers).")
