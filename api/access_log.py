@@ -56,7 +56,8 @@ def request_id() -> str | None:
 
 def note_model(model: str) -> None:
     if (record := current.get()) is not None:
-        record.model = model
+        # Noted before the catalog checked it: a client's newline must not start a forged log line.
+        record.model = model if model.isprintable() else repr(model)
 
 
 def note_workers(workers: str) -> None:

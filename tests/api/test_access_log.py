@@ -67,6 +67,15 @@ def test_an_id_is_made_when_the_client_sent_none_or_an_unusable_one(
     assert all('"GET /v1/models HTTP/1.1" 200 OK' in line for line in lines)
 
 
+def test_a_model_name_cannot_forge_a_log_line(http: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", ACCESS)
+    forged = 'x\n127.0.0.1:1 - "GET / HTTP/1.1" 200 OK'
+    r = http.post("/v1/chat/completions", json={**CHAT, "model": forged})
+    assert r.status_code == 404
+    [line] = access_lines(caplog)
+    assert "\n" not in line and f"model={forged!r} " in line, line
+
+
 def test_refused_requests_are_logged_too(
     redis_server: RedisServer, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
