@@ -3,14 +3,11 @@ are taken as one where the run merges them, and one by one where it must not (a 
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, cast
+from typing import Any
 
-from api.jobrun import JobRun
-from api.jobs import Dispatcher, Limits
-from api.streams import Subscription
 from queueing import events
 from queueing.jobs import ChatMessage, Job, Sampling
+from tests.api._runs import followed
 
 JOB = Job(
     model="m", messages=[ChatMessage(role="user", content="hi")], sampling=Sampling(max_tokens=8), stream=True
@@ -19,18 +16,7 @@ LOGPROB = events.TokenLogprob(token="x", logprob=-0.5, top=[])
 
 
 def taken(merge: bool, queued: list[events.AnyEvent]) -> list[events.Event]:
-    async def main() -> list[events.Event]:
-        sub = Subscription("c", maxsize=64)
-        for e in queued:
-            sub.queue.put_nowait(events.encode(e).encode())
-        # No look at Redis happens: every event is in the queue already.
-        run = JobRun(cast(Dispatcher, None), JOB, sub, None, Limits(5, 5, 0.5), merge_deltas=merge)
-        out: list[events.Event] = [await run.start()]
-        async for e in run.rest():
-            out.append(e)
-        return out
-
-    return asyncio.run(main())
+    return followed(JOB, queued, merge_deltas=merge)
 
 
 def delta(text: str, logprobs: Any = None) -> events.Delta:

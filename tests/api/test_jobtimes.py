@@ -3,38 +3,24 @@ in the histograms of api/metrics.py, and its queue wait and failovers as spans o
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
-from typing import cast
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from api.jobrun import JobRun
-from api.jobs import Dispatcher, Limits
 from api.jobtimes import JobTimes
 from api.metrics import REGISTRY
-from api.streams import Subscription
 from queueing import events, tracing
 from queueing.jobs import ChatMessage, Job
+from tests.api._runs import followed
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 REQUEST_SPAN = 0x00F067AA0BA902B7
 
 
 def follow(job: Job, queued: list[events.AnyEvent], times: JobTimes) -> list[events.Event]:
-    async def main() -> list[events.Event]:
-        sub = Subscription("c", maxsize=64)
-        for e in queued:
-            sub.queue.put_nowait(events.encode(e).encode())
-        run = JobRun(cast(Dispatcher, None), job, sub, None, Limits(5, 5, 0.5), times=times)
-        out: list[events.Event] = [await run.start()]
-        async for e in run.rest():
-            out.append(e)
-        return out
-
-    return asyncio.run(main())
+    return followed(job, queued, times=times)
 
 
 def samples(metric: str, model: str, priority: str | None = "interactive") -> float:
