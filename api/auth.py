@@ -181,7 +181,9 @@ class AuthMiddleware:
                 error = self.keys.check(method, path, presented, managed is not None, required)
                 if error is None and managed is not None and _limited(managed):
                     counted = method == "POST" and path in COUNTED
-                    admission = await limiter.admit(managed, count=counted)
+                    admission = await limiter.admit(
+                        managed, count=counted, anthropic=errors.is_anthropic(path)
+                    )
                     error = admission.error
             else:
                 error = None

@@ -8,8 +8,9 @@ refused once the minute's (or the month's) tokens are spent, so the tokens limit
 requests in flight at that moment use, no more (``max_concurrent`` bounds that).
 
 Every answer to a limited key carries OpenAI's ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and
-``x-ratelimit-reset-*`` headers for requests and tokens; a refusal is a 429 with ``Retry-After``: the
-seconds until the window that was full starts over.
+``x-ratelimit-reset-*`` headers for requests and tokens (on ``/v1/messages``, Anthropic's
+``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``, whose reset is an RFC 3339 time); a refusal
+is a 429 with ``Retry-After``: the seconds until the window that was full starts over.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def _reset(seconds: float) -> str:
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
+def _headers(anthropic: bool, kind: str, limit: int, used: int, ends: float, now: float) -> dict[str, str]:
+    """One limit's three headers in the client's dialect: OpenAI's ``x-ratelimit-*-requests`` with the time
+    left (``6m0s``), or Anthropic's ``anthropic-ratelimit-requests-*`` with the time it resets at."""
+    remaining = str(max(0, limit - used))
+    if anthropic:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(ends)))
+        name = f"anthropic-ratelimit-{kind}"
+        return {f"{name}-limit": str(limit), f"{name}-remaining": remaining, f"{name}-reset": at}
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": remaining,
+        f"x-ratelimit-reset-{kind}": _reset(ends - now),
+    }
+
+
 class Limiter:
     def __init__(self, client: aredis.Redis, inflight_ttl: float, window: float = 60.0) -> None:
         self._r = client
@@ -85,8 +101,9 @@ class Limiter:
         self._inflight_ttl = max(1, int(inflight_ttl))
         self._window = window
 
-    async def admit(self, key: ManagedKey, count: bool) -> Admission:
-        """Check and count one request of ``key`` (``count``), or only read its counters for the headers."""
+    async def admit(self, key: ManagedKey, count: bool, anthropic: bool = False) -> Admission:
+        """Check and count one request of ``key`` (``count``), or only read its counters for the headers
+        (Anthropic's where ``anthropic``)."""
         now = time.time()
         window = int(now // self._window)
         ks = [
@@ -107,16 +124,13 @@ class Limiter:
         found = cast(list[object], await self._admit(keys=ks, args=args))
         admitted, full = bool(found[0]), _text(found[1])
         req, tok, used_month, inflight = (int(cast(int, v)) for v in found[2:6])
-        reset = (window + 1) * self._window - now
+        ends = (window + 1) * self._window
+        reset = ends - now
         headers: dict[str, str] = {}
         if key.rpm is not None:
-            headers["x-ratelimit-limit-requests"] = str(key.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - req))
-            headers["x-ratelimit-reset-requests"] = _reset(reset)
+            headers.update(_headers(anthropic, "requests", key.rpm, req, ends, now))
         if key.tpm is not None:
-            headers["x-ratelimit-limit-tokens"] = str(key.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - tok))
-            headers["x-ratelimit-reset-tokens"] = _reset(reset)
+            headers.update(_headers(anthropic, "tokens", key.tpm, tok, ends, now))
         if admitted:
             return Admission(True, headers, holds=count and key.max_concurrent is not None)
         retry = {"requests": reset, "tokens": reset, "month": _month_left(now), "concurrent": 1.0}[full]

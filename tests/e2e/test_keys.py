@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,12 @@ def test_requests_per_minute_hold_across_both_processes_with_headers_that_count_
     message = {"model": "scripted", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
     r = httpx.post(f"{b.base_url}/v1/messages", json=message, headers={"x-api-key": key}, timeout=30)
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    # ... and Anthropic's headers: the window's end as an RFC 3339 time, not OpenAI's time left.
+    assert r.headers["anthropic-ratelimit-requests-limit"] == "5"
+    assert r.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    reset = datetime.strptime(r.headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
+    assert 0 < reset.replace(tzinfo=UTC).timestamp() - time.time() <= WINDOW + 1
+    assert "x-ratelimit-limit-requests" not in r.headers and 1 <= int(r.headers["retry-after"]) <= WINDOW
     # A read does not count, and shows where the key stands.
     models = httpx.get(f"{a.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert models.status_code == 200 and models.headers["x-ratelimit-remaining-requests"] == "0"
