@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +27,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from engines.base import (
+    PREFILL_CHUNK_TOKENS,
     CacheStats,
     ContextLengthExceeded,
     Embeddings,
@@ -150,6 +151,9 @@ class LlamaCppEngine:
             self._load_longest_prefix(prompt)
         cached = _reused_prefix(llm, prompt)
         yield Output(prompt_tokens=len(prompt), cached_tokens=cached)
+        if not (yield from self._prefill(request, prompt, cached)):
+            yield Output(prompt_tokens=len(prompt), cached_tokens=cached, finish_reason="cancelled")
+            return
         llm.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         try:
             yield from self._sample(request, prompt, cached, grammar, max_tokens)
@@ -158,6 +162,25 @@ class LlamaCppEngine:
             # was evaluated (seeded or not), the context holds it and the output but its last token.
             if llm.n_tokens >= len(prompt):
                 self._save()
+
+    def _prefill(
+        self, request: GenerationRequest, prompt: list[int], cached: int
+    ) -> Generator[Output, None, bool]:
+        """Evaluate the prompt after its ``cached`` tokens, but its last, in pieces with an empty output after
+        each: ``Llama.generate`` then finds them held and evaluates the last one only. Whether it was not
+        aborted in between (False: the reader stopped it before its first token).
+
+        A seeded request evaluates its whole prompt, from an empty context, in the same pieces every time, so
+        its output stays the same."""
+        llm = self._llm
+        llm.n_tokens = cached
+        end = len(prompt) - 1
+        while llm.n_tokens < end:
+            if request.request_id in self._aborted:
+                return False
+            llm.eval(prompt[llm.n_tokens : min(end, llm.n_tokens + PREFILL_CHUNK_TOKENS)])
+            yield Output(prompt_tokens=len(prompt), cached_tokens=cached)
+        return request.request_id not in self._aborted
 
     def _sample(
         self,

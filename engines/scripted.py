@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from engines.base import (
+    PREFILL_CHUNK_TOKENS,
     CacheStats,
     ContextLengthExceeded,
     GenerationRequest,
@@ -54,12 +55,21 @@ class ScriptedEngine:
             raise ContextLengthExceeded(prompt, self._n_ctx)
         cached = self._hold(tokens)
         yield Output(prompt_tokens=prompt, cached_tokens=cached)
-        if self._prefill_seconds_per_token:
-            time.sleep(self._prefill_seconds_per_token * (prompt - cached))
         # A continued answer (a stream moved here) goes on with the script's next word.
         skip, produced, finish = len(request.continuation.split()), 0, "length"
+        # The prompt's evaluation in pieces, each followed by an empty output, as the llama.cpp engine's.
+        evaluated = cached
+        while self._prefill_seconds_per_token and evaluated < prompt and finish != "cancelled":
+            piece = min(PREFILL_CHUNK_TOKENS, prompt - evaluated)
+            time.sleep(self._prefill_seconds_per_token * piece)
+            evaluated += piece
+            if request.request_id in self._aborted:
+                self._aborted.discard(request.request_id)
+                finish = "cancelled"
+            elif evaluated < prompt:
+                yield Output(prompt_tokens=prompt, cached_tokens=cached)
         next_at = time.monotonic()
-        while produced < min(request.max_tokens, self._n_ctx - prompt):
+        while finish != "cancelled" and produced < min(request.max_tokens, self._n_ctx - prompt):
             next_at += self._seconds_per_token
             if (wait := next_at - time.monotonic()) > 0:
                 time.sleep(wait)

@@ -9,7 +9,14 @@ import threading
 import jsonschema
 import pytest
 
-from engines.base import ContextLengthExceeded, Embedder, Engine, GenerationRequest, UnsupportedRequest
+from engines.base import (
+    PREFILL_CHUNK_TOKENS,
+    ContextLengthExceeded,
+    Embedder,
+    Engine,
+    GenerationRequest,
+    UnsupportedRequest,
+)
 from tests import _engines
 from workers.engine_io import close_outputs
 
@@ -54,6 +61,23 @@ def test_abort_stops_a_running_generation(engine: Engine) -> None:
     rest = list(gen)
     assert rest[-1].finish_reason == "cancelled"
     assert rest[-1].completion_tokens < 200
+
+
+def test_abort_during_the_prompt_stops_before_the_rest_of_it_is_evaluated(engine: Engine) -> None:
+    # A new prompt (no cached prefix: the context holds another), evaluated in pieces with an empty output
+    # after each: the reader's abort there ends it with no token, the rest of the prompt unevaluated.
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(60))}]
+    gen = engine.generate(GenerationRequest("r-pre", long, max_tokens=8, seed=1))
+    first = next(gen)
+    assert first.prompt_tokens > 4 * PREFILL_CHUNK_TOKENS and first.cached_tokens == 0
+    piece = next(gen)
+    assert piece.text == "" and piece.finish_reason is None
+    engine.abort("r-pre")
+    rest = list(gen)
+    assert [(o.text, o.finish_reason, o.completion_tokens) for o in rest] == [("", "cancelled", 0)]
+    # The next generation is not disturbed by the half-evaluated context.
+    again = list(engine.generate(GenerationRequest("r-pre2", MSG, max_tokens=4, temperature=0)))
+    assert again[-1].finish_reason in ("stop", "length") and "".join(o.text for o in again)
 
 
 def test_raw_prompt_skips_the_chat_template(engine: Engine) -> None:

@@ -93,10 +93,24 @@ def test_prefill_time_is_paid_for_the_tokens_not_cached(monkeypatch: pytest.Monk
         outputs = e.generate(request)
         next(outputs)  # the prompt is accepted at once
         started = time.perf_counter()
-        next(outputs)
+        while not next(outputs).text:
+            pass
         elapsed = time.perf_counter() - started
         list(outputs)
         return elapsed
 
     assert first_word_after(GenerationRequest("cold", long, max_tokens=2)) >= 0.64 * 0.95
     assert first_word_after(GenerationRequest("warm", long, max_tokens=2)) < 0.3
+
+
+def test_an_abort_during_the_prefill_stops_it_within_a_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PREFILL_ENV, "0.01")
+    e = engine(monkeypatch, n_ctx=1000)
+    outputs = e.generate(GenerationRequest("cold", [{"role": "user", "content": "word " * 60}], max_tokens=2))
+    assert next(outputs).prompt_tokens == 64
+    assert next(outputs).text == ""  # one piece of the prompt evaluated (0.16 s), of four
+    started = time.perf_counter()
+    e.abort("cold")
+    rest = list(outputs)
+    assert [(o.text, o.finish_reason) for o in rest] == [("", "cancelled")]
+    assert time.perf_counter() - started < 0.3  # the piece under way, not the 0.48 s left
