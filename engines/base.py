@@ -46,8 +46,8 @@ class TokenLogprob:
 
 
 # Prompt tokens an engine evaluates between two looks at whether it was aborted. On one CPU thread SmolLM2
-# evaluates ~170 prompt tokens a second, one at a time or 16 at a time alike (8: 10% slower): a job asked for
-# its slot gives it up within ~0.1 s of prefill, not after the whole prompt (0.5 s at 90 tokens).
+# evaluates ~170 prompt tokens a second, in one call or 16 at a time alike (8 at a time: 10-15% slower): a job
+# asked for its slot gives it up within ~0.1 s of prefill, not after the whole prompt (0.5 s at 90 tokens).
 PREFILL_CHUNK_TOKENS = 16
 
 
