@@ -22,7 +22,7 @@ from api.fairness import FairShare, expected_tokens
 from api.jobrun import JobRun
 from api.jobtimes import JobTimes
 from api.keystore import requested_key
-from api.priority import effective
+from api.priority import queued_in
 from api.queue_position import Positions
 from api.ratelimit import Limiter
 from api.reconnect import ReconnectGrace
@@ -181,7 +181,7 @@ class Dispatcher:
     ) -> AsyncIterator[JobRun]:
         limits = options.limits or self.limits
         # An interactive request queues in the class it asked for, at most its key's (api/priority.py).
-        priority = effective() if options.priority == "interactive" else options.priority
+        priority = queued_in(options.priority)
         update: dict[str, object] = {"priority": priority, "deadline": options.deadline}
         if job.session is None and (session := requested_session.get()) is not None:
             update["session"] = session

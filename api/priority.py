@@ -13,12 +13,15 @@ from typing import Literal
 
 from api import errors
 from api.keystore import requested_key
+from api.protocol.base import ServiceTier
 from queueing.jobs import PRIORITY_ORDER, Priority
 
 PRIORITY_HEADER = "x-inferq-priority"
 Class = Literal["low", "normal", "high"]
 CLASSES: dict[str, Priority] = {"low": "low", "normal": "interactive", "high": "high"}
 TIERS: dict[str, Priority] = {"flex": "low", "priority": "high"}
+# The ``service_tier`` an OpenAI answer reports for the class its request ran in (batch lines: default).
+SERVED: dict[Priority, ServiceTier] = {"low": "flex", "high": "priority"}
 
 # The header's class, if the request named one (set per request in api/app.py).
 requested_class: ContextVar[Priority | None] = ContextVar("requested_class", default=None)
@@ -42,6 +45,19 @@ def parse_header(value: str | None) -> Priority | None:
 def ask_tier(service_tier: str | None) -> None:
     """A request body's ``service_tier``: ``flex`` asks for the low class, ``priority`` for the high one."""
     requested_tier.set(TIERS.get(service_tier or ""))
+
+
+def served_tier(cls: Priority) -> ServiceTier:
+    """What OpenAI's answers say in ``service_tier`` for a request whose jobs ran in ``cls``: ``flex`` for
+    the low class, ``priority`` for the high one, ``default`` otherwise, however the class was chosen (the
+    header, the body's tier, the key's cap)."""
+    return SERVED.get(cls, "default")
+
+
+def queued_in(asked: Priority) -> Priority:
+    """The class a job run as ``asked`` (``RunOptions.priority``) queues in: an interactive request's is the
+    one it asked for, at most its key's; a batch line's stays batch."""
+    return effective() if asked == "interactive" else asked
 
 
 def effective() -> Priority:

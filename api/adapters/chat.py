@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Response
 
 from api import errors, priority, resume
-from api.protocol.base import PromptTokensDetails, Usage
+from api.protocol.base import PromptTokensDetails, ServiceTier, Usage
 from api.protocol.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -112,6 +112,7 @@ async def complete(body: ChatCompletionRequest, serve: core.Serve) -> tuple[Chat
         model=body.model,
         choices=[_choice(i, plan, f) for i, f in enumerate(outcome.finished)],
         usage=openai_usage(outcome.usage),
+        service_tier=serve.service_tier(),
     )
     return completion, outcome
 
@@ -123,7 +124,7 @@ async def respond(body: ChatCompletionRequest, serve: core.Serve) -> Response:
     created = int(time.time())
     serve = await resume.offer(serve, w, "chat", body, created)
     stream = await serve.stream(w)
-    frames = resume.ids(_chunks(body, plan, stream, created), stream)
+    frames = resume.ids(_chunks(body, plan, stream, created, serve.service_tier()), stream)
     return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
 
 
@@ -133,7 +134,9 @@ async def resumed(
     """The rest of a stream after ``after`` (api/routes/streams.py); ``serve`` names and follows its job."""
     plan, w = work(body, serve.spec, serve.ids)
     stream = await serve.stream(w)
-    frames = resume.with_ids(_chunks(body, plan, stream, created), stream.runs[0], after)
+    frames = resume.with_ids(
+        _chunks(body, plan, stream, created, serve.service_tier()), stream.runs[0], after
+    )
     return sse.respond(frames, OPENAI_FRAMING, stream.close, stream.headers)
 
 
@@ -159,7 +162,7 @@ def _delta(
 
 
 async def _chunks(
-    body: ChatCompletionRequest, plan: structured.Plan, stream: core.Stream, created: int
+    body: ChatCompletionRequest, plan: structured.Plan, stream: core.Stream, created: int, tier: ServiceTier
 ) -> AsyncIterator[sse.Frame]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     exclude = None if include_usage else {"usage"}
@@ -180,7 +183,9 @@ async def _chunks(
     ) -> sse.Frame:
         lp = ChoiceLogprobs.of(logprobs) if logprobs else None
         choice = ChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=finish)
-        c = ChatCompletionChunk(id=job_id, created=created, model=body.model, choices=[choice])
+        c = ChatCompletionChunk(
+            id=job_id, created=created, model=body.model, service_tier=tier, choices=[choice]
+        )
         return sse.Frame(c.model_dump_json(exclude=exclude))
 
     for i in range(len(stream.runs)):
@@ -195,6 +200,11 @@ async def _chunks(
                 yield chunk(i, delta, logprobs)
     if include_usage:
         last = ChatCompletionChunk(
-            id=job_id, created=created, model=body.model, choices=[], usage=openai_usage(stream.usage)
+            id=job_id,
+            created=created,
+            model=body.model,
+            service_tier=tier,
+            choices=[],
+            usage=openai_usage(stream.usage),
         )
         yield sse.Frame(last.model_dump_json())

@@ -159,6 +159,8 @@ def prepare(
         status="queued" if body.background else "in_progress",
         temperature=s.temperature,
         top_p=s.top_p,
+        # An interactive request's; a batch line's is set by ``run``, which knows it runs as one.
+        service_tier=priority.served_tier(priority.effective()),
     )
     work = core.chat_work(body.model, plan, s, stream=stream, ids=ids or (lambda _: skeleton.id))
     if ids is not None:
@@ -221,7 +223,8 @@ async def run(prepared: Prepared, serve: core.Serve) -> tuple[ResponseObject, co
     """A non-streamed response, start to end."""
     outcome = await serve.complete(prepared.work)
     items, reason = items_of(prepared.plan, outcome.finished[0])
-    return ended(prepared.skeleton, items, reason, outcome.usage), outcome
+    skeleton = prepared.skeleton.model_copy(update={"service_tier": serve.service_tier()})
+    return ended(skeleton, items, reason, outcome.usage), outcome
 
 
 async def complete(body: ResponsesRequest, serve: core.Serve) -> tuple[ResponseObject, core.Outcome]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from queueing.catalog import ModelSpec
 from queueing.jobs import Sampling
+
+# The processing tiers an OpenAI answer reports serving it in (api/priority.py maps inferq's classes to them).
+ServiceTier = Literal["flex", "default", "priority"]
 
 logger = logging.getLogger(__name__)
 

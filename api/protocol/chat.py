@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_serializer
 
-from api.protocol.base import MAX_ITEMS, OpenAIBaseModel, SamplingRequest, StreamOptions, Usage
+from api.protocol.base import MAX_ITEMS, OpenAIBaseModel, SamplingRequest, ServiceTier, StreamOptions, Usage
 from api.protocol.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolCallParam, ToolChoice
 from queueing import events
 from queueing.catalog import ModelSpec
@@ -125,6 +125,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    service_tier: ServiceTier | None = None
     system_fingerprint: str | None = None
 
 
@@ -151,6 +152,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    service_tier: ServiceTier | None = None
     system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None

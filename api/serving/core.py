@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api import access_log, errors
+from api import access_log, errors, priority
 from api.jobrun import JobRun
 from api.jobs import INTERACTIVE, Disconnected, Dispatcher, RunOptions
+from api.protocol.base import ServiceTier
 from api.serving import fanout, structured
 from queueing import events
 from queueing.catalog import ModelSpec
@@ -102,6 +103,11 @@ class Serve:
 
     async def stream(self, work: Work) -> Stream:
         return await start_stream(self.dispatcher, work, self.disconnected, self.options)
+
+    def service_tier(self) -> ServiceTier:
+        """What OpenAI's answers report in ``service_tier``: the tier of the class the jobs queue in (in the
+        request's context: its header, its body's tier, its key's cap)."""
+        return priority.served_tier(priority.queued_in(self.options.priority))
 
 
 def json_response(result: BaseModel, outcome: Outcome, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -46,3 +46,20 @@ def test_an_unknown_class_is_a_400_naming_the_header() -> None:
     with pytest.raises(errors.ApiError) as caught:
         priority.parse_header("urgent")
     assert caught.value.status == 400 and caught.value.param == priority.PRIORITY_HEADER
+
+
+@pytest.mark.parametrize(
+    ("header", "asked", "expected"),
+    [
+        (None, "interactive", "default"),
+        ("low", "interactive", "flex"),
+        ("high", "interactive", "priority"),
+        ("high", "batch", "default"),  # a batch line runs as one, whatever its context
+    ],
+)
+def test_the_service_tier_an_answer_reports(header: str | None, asked: str, expected: str) -> None:
+    def run() -> str:
+        priority.requested_class.set(priority.parse_header(header))
+        return priority.served_tier(priority.queued_in(asked))  # type: ignore[arg-type]
+
+    assert contextvars.copy_context().run(run) == expected

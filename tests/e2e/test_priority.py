@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from engines.scripted import WORDS
 from tests.fleet import Fleet, one_slot_scripted_fleet
@@ -160,3 +162,30 @@ def test_a_waiting_stream_hears_its_queue_position_until_its_answer_starts(fleet
     assert lines[-2] == "event: error", lines
     error = json.loads(lines[-1][6:])
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
+
+
+def test_answers_report_the_tier_their_class_ran_in(fleet: Fleet) -> None:
+    """OpenAI's ``service_tier`` in the answer: flex for the low class, priority for high, default otherwise,
+    whether the class came from the body's tier or from the header, in chat (plain and streamed) and
+    Responses, read through the official SDK."""
+    sdk = openai.OpenAI(base_url=f"{fleet.base_url}/v1", api_key="none", max_retries=0)
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
+    chat = sdk.chat.completions.create
+    assert chat(model="scripted", messages=hi, max_tokens=2).service_tier == "default"
+    assert chat(model="scripted", messages=hi, max_tokens=2, service_tier="flex").service_tier == "flex"
+    high = chat(model="scripted", messages=hi, max_tokens=2, extra_headers={"x-inferq-priority": "high"})
+    assert high.service_tier == "priority"
+    chunks = list(
+        chat(
+            model="scripted",
+            messages=hi,
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            service_tier="priority",
+        )
+    )
+    assert len(chunks) > 2 and {c.service_tier for c in chunks} == {"priority"}
+    response = sdk.responses.create(model="scripted", input="Hi", max_output_tokens=2, service_tier="flex")
+    assert response.service_tier == "flex"
+    assert sdk.responses.create(model="scripted", input="Hi", max_output_tokens=2).service_tier == "default"
