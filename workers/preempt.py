@@ -13,6 +13,8 @@ after sending text continues where it stopped when it runs again (workers/migrat
 
 from __future__ import annotations
 
+from collections import deque
+
 import redis
 
 from queueing import keys
@@ -24,7 +26,9 @@ from queueing.jobs import Job
 # most, how many lists a queue has above the job's class. Returns 0, 1 (the worker's own queue) or the
 # counter raised. A request in the worker's own queue can only be served here; one in a shared queue is
 # yielded for by as many workers as there are such requests, not by all of them. A yield counts until the
-# slot it freed is free (``settled``): a request that comes after it has a slot yielded for it at once.
+# slot it freed took its next message (``refilled``; the request it yielded for is still in its list until
+# then, and another job must not yield for it too), at most ARGV[1] ms: a request that comes after that has
+# a slot yielded for it at once.
 _WANTED = """
 local n = tonumber(ARGV[2])
 for i = 1, n do
@@ -65,6 +69,8 @@ class Preemption:
         self._settle = client.register_script(_SETTLE)
         # The counter each yielding job raised, until its slot is free (job id -> counter key).
         self._raised: dict[str, str] = {}
+        # Then until the free slot takes its next message (job threads add, the next delivery takes).
+        self._freed: deque[str] = deque()
 
     def wanted(self, job: Job, models: list[str], busy: int) -> bool:
         """Should ``job`` give its slot up now? ``busy`` is how many jobs this worker runs."""
@@ -81,7 +87,17 @@ class Preemption:
         return bool(found)
 
     def settled(self, job: Job) -> None:
-        """``job`` gave its slot up (or ended first): its yield no longer stands for a waiting request."""
+        """``job`` gave its slot up (or ended first): its yield stands until the slot takes its next message
+        (``refilled``)."""
         raised = self._raised.pop(job.id, None)
         if raised is not None:
-            self._settle(keys=[raised])
+            self._freed.append(raised)
+
+    def refilled(self) -> None:
+        """A slot of this worker took a message: a yield whose slot was free no longer stands for a waiting
+        request (the one it yielded for has left its list, in all likelihood for this slot)."""
+        try:
+            raised = self._freed.popleft()
+        except IndexError:
+            return
+        self._settle(keys=[raised])

@@ -119,6 +119,9 @@ class JobRunner:
         """Run ``job``; returns the job to queue again when it gave its slot up (a batch line yielding to
         an interactive request), else None."""
         received = time.time_ns()
+        if self._preemption is not None:
+            # A slot took a message: a yield that freed one stands no longer (workers/preempt.py).
+            self._out.maybe(self._preemption.refilled, None)
         if not self._claim(job):
             # Finished, cancelled, or re-queued as a later attempt: this delivery is stale.
             logger.info("skipping stale delivery of %s attempt %d", job.id, job.attempt)
@@ -444,8 +447,8 @@ class JobRunner:
                     abort(job.id)
 
     def _settled(self, job: Job) -> None:
-        # The slot it was asked for is free (or the job ended on its own): the next waiting request may have
-        # another job yield for it at once.
+        # The slot it was asked for is free (or the job ended on its own): once it took its next message,
+        # the next waiting request may have another job yield for it at once.
         if self._preemption is not None:
             self._out.maybe(partial(self._preemption.settled, job), None)
 

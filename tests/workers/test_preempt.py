@@ -66,20 +66,27 @@ def test_only_full_workers_yield_and_only_to_a_higher_class(redis_client: redis.
     assert p.wanted(batch_job(), ["m"], busy=2)
 
 
-def test_a_yield_stands_for_a_waiting_request_only_until_its_slot_is_free(redis_client: redis.Redis) -> None:
-    a, b = Preemption(redis_client, "a", slots=1), Preemption(redis_client, "b", slots=1)
+def test_a_yield_stands_for_a_waiting_request_until_its_slot_took_a_message(
+    redis_client: redis.Redis,
+) -> None:
+    a = Preemption(redis_client, "a", slots=1, hold_ms=60_000)
+    b = Preemption(redis_client, "b", slots=1, hold_ms=60_000)
     first, second = batch_job(), batch_job()
     interactive_waiting(redis_client, keys.model_queue("m"))
     assert a.wanted(first, ["m"], busy=1)
     assert not b.wanted(second, ["m"], busy=1), "a yields for it already"
-    # a's slot is free and took that request; the next one to come finds b yielding for it at once, not
-    # after the yield's hold ran out.
+    # a's slot is free but has not taken the request yet (it still waits in its list): b must not yield for
+    # it too (tests/e2e/test_preemption.py saw both batch lines yield for one request).
     a.settled(first)
+    assert not b.wanted(second, ["m"], busy=1)
+    # a's slot took it; the next request to come finds b yielding for it at once, not after the hold.
     step = message_priority(Job(model="m", priority="interactive"))
     assert redis_client.rpop(keys.queue_list_keys(keys.model_queue("m"))[step]) is not None
+    a.refilled()
     interactive_waiting(redis_client, keys.model_queue("m"))
     assert b.wanted(second, ["m"], busy=1)
     a.settled(first)  # twice: nothing more
+    a.refilled()
     assert redis_client.get(keys.preempt_key("m")) == b"1"
 
 
