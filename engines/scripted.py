@@ -59,14 +59,15 @@ class ScriptedEngine:
         skip, produced, finish = len(request.continuation.split()), 0, "length"
         # The prompt's evaluation in pieces, each followed by an empty output, as the llama.cpp engine's.
         evaluated = cached
-        while self._prefill_seconds_per_token and evaluated < prompt and finish != "cancelled":
+        while self._prefill_seconds_per_token and evaluated < prompt:
             piece = min(PREFILL_CHUNK_TOKENS, prompt - evaluated)
             time.sleep(self._prefill_seconds_per_token * piece)
             evaluated += piece
             if request.request_id in self._aborted:
                 self._aborted.discard(request.request_id)
                 finish = "cancelled"
-            elif evaluated < prompt:
+                break
+            if evaluated < prompt:
                 yield Output(prompt_tokens=prompt, cached_tokens=cached)
         next_at = time.monotonic()
         while finish != "cancelled" and produced < min(request.max_tokens, self._n_ctx - prompt):
